@@ -1,0 +1,1 @@
+"""The layerdb command line."""

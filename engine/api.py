@@ -1,0 +1,326 @@
+"""The library's front door: one LayerDB per store file.
+
+Every method returns values or writes to a stream it is given; nothing here
+prints.  The CLI (layerdb.cli) is one client of this class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import BinaryIO, Callable, Iterator
+
+from . import refs
+from .chunks import SqliteChunkStore
+from .content import ContentStore
+from .errors import NotFound, UsageError
+from .export import write_dir, write_tar
+from .importer import Importer, ImportResult, Progress, normalize
+from .replay import Event, Node, View, chain_events, path_events
+from .store import Store, default_db_path
+
+TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "h": "hardlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
+
+
+def parse_path(path: str | bytes) -> bytes:
+    """A user-given path (absolute or not) as the store's raw relative path."""
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    return b"/".join(p for p in raw.split(b"/") if p and p != b".")
+
+
+def show_path(path: bytes) -> str:
+    """Absolute, /-rooted, non-UTF-8 bytes as surrogate escapes (DESIGN.md)."""
+    return "/" + path.decode("utf-8", "surrogateescape")
+
+
+class LayerDB:
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.store = Store(path if path is not None else default_db_path())
+        self.chunks = SqliteChunkStore(self.store.conn)
+        self.content = ContentStore(self.store.conn, self.chunks)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "LayerDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Import ---------------------------------------------------------------
+
+    def import_archive(self, archive: str, tag: str | None = None, platform: str | None = None,
+                       progress: Progress | None = None) -> ImportResult:
+        return Importer(self.store, self.content, progress).import_archive(archive, tag, platform)
+
+    # Listing --------------------------------------------------------------
+
+    def images(self) -> list[dict]:
+        out = []
+        with self.store.read():
+            for rowid, digest, top, created in self.store.execute(
+                "SELECT id, digest, top_layer, created FROM image ORDER BY created DESC, digest"
+            ).fetchall():
+                chain = refs.chain_of(self.store, top) if top is not None else []
+                size = 0
+                for li in chain:
+                    size += self.store.scalar("SELECT file_bytes FROM diff WHERE id = ?", (li.diff_rowid,))
+                out.append({"id": digest, "repo_tags": refs.image_tags(self.store, rowid), "layers": len(chain),
+                            "size": size, "created": created})
+        return out
+
+    def resolve(self, ref: str) -> refs.Resolved:
+        with self.store.read():
+            return refs.resolve(self.store, ref)
+
+    def history(self, ref: str) -> list[dict]:
+        """The image's history, newest first, like `docker history`."""
+        with self.store.read():
+            r = refs.resolve(self.store, ref)
+            if r.image_rowid is None:
+                raise NotFound(f"{ref}: no image holds this layer, so it has no history")
+            by_pos = {li.position: li for li in r.layers}
+            rows = self.store.execute(
+                "SELECT idx, position, created, created_by, comment, empty_layer FROM history"
+                " WHERE image_id = ? ORDER BY idx", (r.image_rowid,)
+            ).fetchall()
+            sizes = {li.position: self.store.scalar("SELECT file_bytes FROM diff WHERE id = ?", (li.diff_rowid,))
+                     for li in r.layers}
+            out = []
+            for idx, pos, created, created_by, comment, empty in rows:
+                li = by_pos.get(pos) if pos is not None else None
+                if pos is not None and li is None:
+                    continue  # above the REF's position (REF~N)
+                out.append({
+                    "position": pos,
+                    "layer_id": li.chain_id if li else None,
+                    "diff_id": li.diff_id if li else None,
+                    "created": created,
+                    "created_by": created_by,
+                    "comment": comment,
+                    "size": sizes.get(pos, 0) if pos is not None else 0,
+                    "empty_layer": bool(empty),
+                })
+        out.reverse()
+        return out
+
+    def created_by(self, r: refs.Resolved) -> dict[int, str | None]:
+        if r.image_rowid is None:
+            return {}
+        return {pos: cb for pos, cb in self.store.execute(
+            "SELECT position, created_by FROM history WHERE image_id = ? AND position IS NOT NULL", (r.image_rowid,))}
+
+    # Views ------------------------------------------------------------------
+
+    def view(self, ref: str | refs.Resolved) -> View:
+        """The whole view at REF, replayed from the chain's events."""
+        with self.store.read():
+            r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
+            return View().replay(chain_events(self.store.conn, r.chain))
+
+    def _closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
+        """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""
+        wanted: set[bytes] = set()
+        todo = [path]
+        ids: dict[bytes, int] = {}
+        events: list[Event] = []
+        while todo:
+            new: set[bytes] = set()
+            for p in todo:
+                q = p
+                while True:
+                    if q not in wanted:
+                        wanted.add(q)
+                        new.add(q)
+                    if not q:
+                        break
+                    i = q.rfind(b"/")
+                    q = q[:i] if i >= 0 else b""
+            todo = []
+            new_ids = []
+            for p in new:
+                pid = self.store.path_id(p)
+                if pid is not None:
+                    ids[p] = pid
+                    new_ids.append(pid)
+            if not new_ids:
+                break
+            batch = path_events(self.store.conn, r.chain, new_ids)
+            events.extend(batch)
+            for ev in batch:
+                if ev.target is not None and ev.target not in wanted:
+                    todo.append(ev.target)
+            # Links elsewhere that name one of these paths share (and change) its inode.
+            marks = ",".join("?" * len(new_ids))
+            for (lp,) in self.store.execute(
+                f"SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({marks})",
+                new_ids,
+            ):
+                if lp not in wanted:
+                    todo.append(lp)
+        events.sort(key=lambda ev: (ev.position, ev.kind, ev.seq))
+        return events
+
+    def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
+        """One path at REF, without replaying the whole chain."""
+        p = parse_path(path)
+        with self.store.read():
+            r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
+            return View().replay(self._closure_events(r, p)).get(p)
+
+    def cat(self, ref: str, path: str | bytes) -> Iterator[bytes]:
+        """The bytes of a regular file at REF, chunk by chunk."""
+        p = parse_path(path)
+        with self.store.read():
+            r = refs.resolve(self.store, ref)
+            node = View().replay(self._closure_events(r, p)).get(p)
+            if node is None:
+                raise NotFound(f"{show_path(p)}: no such file at {ref}")
+            if node.type == "d":
+                raise UsageError(f"{show_path(p)}: is a directory at {ref}")
+            if node.type != "f":
+                raise UsageError(f"{show_path(p)}: is a {TYPE_NAMES.get(node.type, node.type)}, not a regular file, at {ref}")
+            if node.size:
+                yield from self.content.iter_blob(node.blob_id)
+
+    def listing(self, ref: str, path: str | bytes = b"", recursive: bool = False) -> list[dict]:
+        """Entries of a directory at REF (or the one entry, for a non-directory), as dicts."""
+        p = parse_path(path)
+        with self.store.read():
+            r = refs.resolve(self.store, ref)
+            view = View().replay(chain_events(self.store.conn, r.chain))
+        chain_ids = {li.position: li.chain_id for li in r.layers}
+        node = view.get(p)
+        if node is None:
+            raise NotFound(f"{show_path(p)}: no such file or directory at {ref}")
+        if node.type != "d":
+            entries = [(p, node)]
+        else:
+            entries = list(view.walk(p)) if recursive else view.list_dir(p)
+        return [node_dict(q, n, chain_ids) for q, n in entries]
+
+
+    # Export -----------------------------------------------------------------
+
+    def export_tar(self, ref: str, out: BinaryIO, progress: Callable[[int, int], None] | None = None) -> int:
+        view = self.view(ref)
+        with self.store.read():
+            return write_tar(view, self.content, out, progress)
+
+    def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
+        view = self.view(ref)
+        with self.store.read():
+            return write_dir(view, self.content, target, allow_devices)
+
+    # Audit ------------------------------------------------------------------
+
+    def default_image(self) -> str:
+        rows = self.store.execute("SELECT digest FROM image LIMIT 2").fetchall()
+        if len(rows) == 1:
+            return rows[0][0]
+        if not rows:
+            raise NotFound("the store holds no images (see `layerdb import`)")
+        raise UsageError("the store holds several images: say which with --image")
+
+    def log(self, path: str | bytes, image: str | None = None) -> list[dict]:
+        """Every change to `path` along the image's chain, oldest first.
+
+        Deletions that do not name the path (a whiteout or replacement of an
+        ancestor, an opaque directory above it) are reported with `via`.
+        """
+        p = parse_path(path)
+        if not p:
+            raise UsageError("log needs a path below /")
+        with self.store.read():
+            r = refs.resolve(self.store, image or self.default_image())
+            created_by = self.created_by(r)
+            chain_ids = {li.position: li.chain_id for li in r.layers}
+            events = self._closure_events(r, p)
+            return _timeline(p, events, r, created_by, chain_ids)
+
+
+def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:
+    d = {
+        "path": show_path(path),
+        "type": node.type,
+        "mode": "%04o" % (node.mode or 0),
+        "uid": node.uid,
+        "gid": node.gid,
+        "size": node.size if node.type == "f" else None,
+        "mtime": node.mtime,
+        "link": node.link.decode("utf-8", "surrogateescape") if node.link is not None else None,
+        "sha256": node.sha256.hex() if node.sha256 else None,
+        "layer_id": chain_ids.get(node.position),
+    }
+    if node.type in ("c", "b"):
+        d["rdev"] = f"{node.devmajor},{node.devminor}"
+    if node.xattrs:
+        d["xattrs"] = json.loads(node.xattrs)
+    return d
+
+
+def _snapshot(node: Node | None):
+    if node is None:
+        return None
+    return (node.type, node.mode, node.uid, node.gid, node.mtime, node.size, node.sha256, node.link,
+            node.devmajor, node.devminor, node.xattrs)
+
+
+def _timeline(p: bytes, events: list[Event], r: refs.Resolved, created_by, chain_ids) -> list[dict]:
+    from .importer import OPAQUE, PUT, WHITEOUT
+
+    view = View()
+    out = []
+    label = r.label()
+    i = 0
+    while i < len(events):
+        pos = events[i].position
+        layer_events = []
+        while i < len(events) and events[i].position == pos:
+            layer_events.append(events[i])
+            i += 1
+        before = _snapshot(view.get(p))
+        view.replay(layer_events)
+        node = view.get(p)
+        after = _snapshot(node)
+        touched = any(ev.path == p and ev.kind == PUT for ev in layer_events)
+        if before is None and after is None:
+            continue
+        if after is None:
+            via = "whiteout"
+            for ev in layer_events:
+                if ev.kind == WHITEOUT and ev.path == p:
+                    via = "whiteout"
+                    break
+                if ev.kind == OPAQUE and p.startswith(ev.path + b"/" if ev.path else b""):
+                    via = "opaque"
+                elif ev.kind == WHITEOUT and p.startswith(ev.path + b"/"):
+                    via = "parent-whiteout"
+                elif ev.kind == PUT and ev.type != "d" and p.startswith(ev.path + b"/"):
+                    via = "parent-replaced"
+            op = "delete"
+        elif before is None:
+            op, via = "add", None
+        elif touched or before != after:
+            op, via = "modify", None
+        else:
+            continue
+        row = {
+            "image": label,
+            "position": pos,
+            "layer_id": chain_ids.get(pos),
+            "op": op,
+            "via": via,
+            "type": node.type if node else None,
+            "mode": "%04o" % node.mode if node and node.mode is not None else None,
+            "uid": node.uid if node else None,
+            "gid": node.gid if node else None,
+            "size": node.size if node and node.type == "f" else None,
+            "sha256": node.sha256.hex() if node and node.sha256 else None,
+            "link": node.link.decode("utf-8", "surrogateescape") if node and node.link is not None else None,
+            "mtime": node.mtime if node else None,
+            "created_by": created_by.get(pos),
+        }
+        out.append(row)
+    return out

@@ -1,0 +1,452 @@
+"""Reading image archives: docker save (legacy and Docker 25+) and OCI layouts.
+
+The format is detected from the contents, never the file name.  Nothing here
+touches the store: it yields image descriptions and opens verified layer
+streams; engine/importer.py decides what to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform as _platform
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from .errors import ArchiveError, DigestMismatch, LayerFormatError
+
+READ_SIZE = 1 << 20
+# Manifests, indexes and configs are JSON read into memory: bound them.
+MAX_JSON = 16 << 20
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+
+
+@dataclass
+class LayerSource:
+    member: str  # archive member holding the blob
+    blob_digest: str | None  # digest of the blob as stored (compressed), when the archive names one
+    diff_id: str  # expected sha256 of the uncompressed tar, from the config
+    media_type: str | None = None
+
+
+@dataclass
+class ImageSource:
+    config: bytes
+    digest: str  # sha256 of config: the image id
+    layers: list[LayerSource]
+    repo_tags: list[str] = field(default_factory=list)
+
+
+def _norm(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
+def _hex_of(digest: str, what: str) -> str:
+    algo, _, hex_ = digest.partition(":")
+    if algo != "sha256" or len(hex_) != 64 or any(c not in "0123456789abcdef" for c in hex_):
+        raise ArchiveError(f"{what}: unsupported or malformed digest {digest!r}")
+    return hex_
+
+
+def machine_platform() -> tuple[str, str, str | None]:
+    m = _platform.machine().lower()
+    arch, variant = {
+        "x86_64": ("amd64", None),
+        "amd64": ("amd64", None),
+        "aarch64": ("arm64", None),
+        "arm64": ("arm64", None),
+        "armv7l": ("arm", "v7"),
+        "armv6l": ("arm", "v6"),
+        "i686": ("386", None),
+        "i386": ("386", None),
+        "ppc64le": ("ppc64le", None),
+        "s390x": ("s390x", None),
+        "riscv64": ("riscv64", None),
+    }.get(m, (m, None))
+    return "linux", arch, variant
+
+
+def parse_platform(s: str) -> tuple[str, str, str | None]:
+    parts = s.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ArchiveError(f"--platform {s!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+class Archive:
+    """An image archive opened for reading (random access over the outer tar)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.tar = tarfile.open(path, "r:")
+        except FileNotFoundError:
+            raise ArchiveError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ArchiveError(f"{path}: is a directory, expected an archive file") from None
+        except (tarfile.TarError, OSError) as e:
+            raise ArchiveError(f"{path}: not a tar archive ({e})") from None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for m in self.tar:
+                self.members[_norm(m.name).rstrip("/")] = m
+        except tarfile.TarError as e:
+            raise ArchiveError(f"{path}: damaged archive ({e})") from None
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Members --------------------------------------------------------------
+
+    def _member(self, name: str, what: str) -> tarfile.TarInfo:
+        name = _norm(name)
+        m = self.members.get(name)
+        seen = set()
+        while m is not None and m.issym():  # legacy docker save links <id>/layer.tar -> ../<diff>.tar
+            if name in seen:
+                raise ArchiveError(f"{what}: symlink loop at {name}")
+            seen.add(name)
+            base = name.rsplit("/", 1)[0] if "/" in name else ""
+            target = m.linkname
+            parts: list[str] = [] if target.startswith("/") else (base.split("/") if base else [])
+            for p in target.split("/"):
+                if p in ("", "."):
+                    continue
+                if p == "..":
+                    if parts:
+                        parts.pop()
+                    continue
+                parts.append(p)
+            name = "/".join(parts)
+            m = self.members.get(name)
+        if m is None or not m.isfile():
+            raise ArchiveError(f"{what}: {name} is missing from the archive")
+        return m
+
+    def open_member(self, name: str, what: str) -> tuple[BinaryIO, int]:
+        m = self._member(name, what)
+        f = self.tar.extractfile(m)
+        assert f is not None
+        return f, m.size
+
+    def read_json(self, name: str, what: str, digest: str | None = None) -> tuple[object, bytes]:
+        f, size = self.open_member(name, what)
+        if size > MAX_JSON:
+            raise ArchiveError(f"{what}: {name} is too large for JSON ({size} bytes)")
+        try:
+            raw = f.read()
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise ArchiveError(f"{what}: cannot read {name}: {e}") from None
+        if len(raw) != size:
+            raise ArchiveError(f"{what}: {name} is truncated")
+        if digest is not None:
+            got = "sha256:" + hashlib.sha256(raw).hexdigest()
+            if got != digest:
+                raise DigestMismatch(f"{what} {name}", digest, got)
+        try:
+            return json.loads(raw), raw
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ArchiveError(f"{what}: {name} is not valid JSON ({e})") from None
+
+    # Images ---------------------------------------------------------------
+
+    def images(self, platform: str | None = None) -> list[ImageSource]:
+        if "manifest.json" in self.members:
+            return self._docker_images()
+        if "index.json" in self.members and "oci-layout" in self.members:
+            return self._oci_images(platform)
+        raise ArchiveError(
+            f"{self.path}: not an image archive (no manifest.json, and no oci-layout with index.json)"
+        )
+
+    def _config(self, name: str, digest: str | None, layers: list[tuple[str, str | None, str | None]]) -> ImageSource:
+        cfg, raw = self.read_json(name, "config", digest)
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if not isinstance(cfg, dict):
+            raise ArchiveError(f"config {name}: not a JSON object")
+        rootfs = cfg.get("rootfs") or {}
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+            raise ArchiveError(f"config {name}: rootfs.diff_ids is missing or malformed")
+        if len(diff_ids) != len(layers):
+            raise ArchiveError(
+                f"config {name}: lists {len(diff_ids)} diff_ids but the manifest names {len(layers)} layers"
+            )
+        for d in diff_ids:
+            _hex_of(d, f"config {name}")
+        history = cfg.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ArchiveError(f"config {name}: history is malformed")
+        srcs = [LayerSource(m, bd, did, mt) for (m, bd, mt), did in zip(layers, diff_ids)]
+        return ImageSource(config=raw, digest=digest, layers=srcs)
+
+    def _docker_images(self) -> list[ImageSource]:
+        manifest, _ = self.read_json("manifest.json", "manifest")
+        if not isinstance(manifest, list) or not manifest:
+            raise ArchiveError("manifest.json: expected a non-empty list of images")
+        out = []
+        for i, ent in enumerate(manifest):
+            if not isinstance(ent, dict) or not isinstance(ent.get("Config"), str):
+                raise ArchiveError(f"manifest.json: entry {i} has no Config")
+            layers = ent.get("Layers")
+            if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+                raise ArchiveError(f"manifest.json: entry {i} has no Layers list")
+            cfg_name = _norm(ent["Config"])
+            cfg_digest = _digest_from_name(cfg_name)
+            sources = ent.get("LayerSources") or {}
+            lay = []
+            for ln in layers:
+                bd = _digest_from_name(_norm(ln))
+                mt = None
+                if isinstance(sources, dict) and bd in sources and isinstance(sources[bd], dict):
+                    mt = sources[bd].get("mediaType")
+                lay.append((ln, bd, mt))
+            img = self._config(cfg_name, cfg_digest, lay)
+            tags = ent.get("RepoTags") or []
+            img.repo_tags = [t for t in tags if isinstance(t, str)]
+            out.append(img)
+        return out
+
+    def _oci_images(self, platform: str | None) -> list[ImageSource]:
+        index, _ = self.read_json("index.json", "index")
+        want = parse_platform(platform) if platform else machine_platform()
+        by_manifest: dict[str, ImageSource] = {}
+        for desc, names in self._walk_index(index, "index.json", want, depth=0):
+            digest = desc["digest"]
+            if digest in by_manifest:  # the same manifest under several names
+                tags = by_manifest[digest].repo_tags
+                tags.extend(n for n in names if n not in tags)
+                continue
+            mani, _ = self.read_json(_blob_name(digest, "manifest"), "manifest", digest)
+            if not isinstance(mani, dict) or not isinstance(mani.get("config"), dict):
+                raise ArchiveError(f"manifest {digest}: has no config descriptor")
+            layers = mani.get("layers")
+            if not isinstance(layers, list) or not all(isinstance(d, dict) and "digest" in d for d in layers):
+                raise ArchiveError(f"manifest {digest}: has no layers list")
+            lay = [(_blob_name(d["digest"], "layer"), d["digest"], d.get("mediaType")) for d in layers]
+            cdig = mani["config"].get("digest")
+            if not isinstance(cdig, str):
+                raise ArchiveError(f"manifest {digest}: config descriptor has no digest")
+            img = self._config(_blob_name(cdig, "config"), cdig, lay)
+            img.repo_tags = list(names)
+            by_manifest[digest] = img
+        out = list(by_manifest.values())
+        if not out:
+            raise ArchiveError(f"index.json: no image for platform {'/'.join(p for p in want if p)}")
+        return out
+
+    def _walk_index(self, index, where, want, depth):
+        if depth > 8:
+            raise ArchiveError(f"{where}: indexes nested too deeply")
+        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+            raise ArchiveError(f"{where}: not an image index (no manifests list)")
+        descs = [d for d in index["manifests"] if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+        # A multi-platform index lists one manifest per platform: pick ours.
+        plat = [d for d in descs if isinstance(d.get("platform"), dict)]
+        if len({(d["platform"].get("os"), d["platform"].get("architecture")) for d in plat}) > 1:
+            match = [d for d in plat if _platform_matches(d["platform"], want)]
+            if not match:
+                have = sorted({_platform_str(d["platform"]) for d in plat})
+                raise ArchiveError(
+                    f"{where}: no image for platform {'/'.join(p for p in want if p)} (has {', '.join(have)}); use --platform"
+                )
+            descs = [d for d in descs if d not in plat or d in match[:1]]
+        for d in descs:
+            names = _ref_names(d)
+            mt = d.get("mediaType")
+            if mt in INDEX_TYPES:
+                sub, _ = self.read_json(_blob_name(d["digest"], "index"), "index", d["digest"])
+                for sd, snames in self._walk_index(sub, d["digest"], want, depth + 1):
+                    yield sd, snames or names
+            else:
+                yield d, names
+
+
+def _platform_str(p: dict) -> str:
+    return "/".join(str(x) for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
+
+
+def _platform_matches(p: dict, want: tuple[str, str, str | None]) -> bool:
+    os_, arch, variant = want
+    if p.get("os") != os_ or p.get("architecture") != arch:
+        return False
+    return variant is None or p.get("variant") in (None, variant)
+
+
+def _ref_names(desc: dict) -> list[str]:
+    ann = desc.get("annotations") or {}
+    if not isinstance(ann, dict):
+        return []
+    full = ann.get("io.containerd.image.name")
+    ref = ann.get("org.opencontainers.image.ref.name")
+    if isinstance(full, str) and full:
+        return [full]
+    if isinstance(ref, str) and ref:
+        # A bare tag ("latest") names nothing on its own; "name:tag" does.
+        last = ref.rsplit("/", 1)[-1]
+        if ":" in last or "/" in ref:
+            return [ref]
+    return []
+
+
+def _blob_name(digest: object, what: str) -> str:
+    if not isinstance(digest, str):
+        raise ArchiveError(f"{what}: descriptor digest is not a string")
+    return "blobs/sha256/" + _hex_of(digest, what)
+
+
+def _digest_from_name(name: str) -> str | None:
+    """The digest a member's name promises: blobs/sha256/<hex>, or a legacy <hex>.json config."""
+    base = name.rsplit("/", 1)[-1]
+    if name.startswith("blobs/sha256/") and len(base) == 64:
+        return "sha256:" + base
+    stem, _, ext = base.partition(".")
+    if ext == "json" and len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
+        return "sha256:" + stem
+    return None
+
+
+# Layer streams --------------------------------------------------------------
+
+
+class HashingReader:
+    """Counts and hashes whatever is read through it."""
+
+    def __init__(self, raw: BinaryIO, limit: int | None = None):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.limit = limit
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        try:
+            b = self.raw.read(n)
+        except (OSError, EOFError, tarfile.TarError) as e:
+            raise ArchiveError(f"cannot read archive: {e}") from None
+        self.sha.update(b)
+        self.count += len(b)
+        return b
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+class _Gunzip:
+    """Streaming gunzip with bounded output per read; handles multi-member gzip."""
+
+    def __init__(self, raw: HashingReader):
+        self.raw = raw
+        self.d = zlib.decompressobj(wbits=47)
+        self.pending = b""
+        self.done = False
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        n = max(1, min(n, READ_SIZE))
+        while True:
+            try:
+                if self.d.unconsumed_tail:
+                    out = self.d.decompress(self.d.unconsumed_tail, n)
+                elif self.d.eof:
+                    rest = self.d.unused_data
+                    if not rest:
+                        rest = self.raw.read(READ_SIZE)
+                        if not rest:
+                            return b""
+                    if rest.strip(b"\0") == b"" and not self.raw.read(1):
+                        return b""  # zero padding after the last member
+                    self.d = zlib.decompressobj(wbits=47)
+                    out = self.d.decompress(rest, n)
+                else:
+                    data = self.raw.read(READ_SIZE)
+                    if not data:
+                        raise LayerFormatError("gzip stream is truncated")
+                    out = self.d.decompress(data, n)
+            except zlib.error as e:
+                raise LayerFormatError(f"gzip stream is corrupt ({e})") from None
+            if out:
+                return out
+
+
+class _Unzstd:
+    def __init__(self, raw: HashingReader):
+        self.r = zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_SIZE, read_across_frames=True)
+        self.raw = raw
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        try:
+            out = self.r.read(max(1, min(n, READ_SIZE)))
+        except zstandard.ZstdError as e:
+            raise LayerFormatError(f"zstd stream is corrupt ({e})") from None
+        return out
+
+
+class LayerStream:
+    """The uncompressed bytes of one layer blob, hashed on the way through.
+
+    ``raw`` hashes the blob as stored (the blob digest), ``tar`` the
+    uncompressed stream (the diff_id).  Compression is detected by magic bytes.
+    """
+
+    def __init__(self, f: BinaryIO):
+        self.raw = HashingReader(f)
+        head = self.raw.read(4)
+        self._head = head
+        if head[:2] == b"\x1f\x8b":
+            self.compression = "gzip"
+        elif head == b"\x28\xb5\x2f\xfd":
+            self.compression = "zstd"
+        else:
+            self.compression = "none"
+        src: BinaryIO = _Prefixed(head, self.raw)  # type: ignore[assignment]
+        if self.compression == "gzip":
+            dec = _Gunzip(src)  # type: ignore[arg-type]
+        elif self.compression == "zstd":
+            dec = _Unzstd(src)  # type: ignore[arg-type]
+        else:
+            dec = src
+        self.tar = HashingReader(dec)  # type: ignore[arg-type]
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        return self.tar.read(n)
+
+    def drain(self) -> None:
+        while self.tar.read(READ_SIZE):
+            pass
+        while self.raw.read(READ_SIZE):  # bytes after the end of the compressed stream
+            pass
+
+    def verify(self, src: LayerSource, what: str) -> None:
+        got = self.tar.hexdigest()
+        if got != src.diff_id:
+            raise DigestMismatch(f"{what}: diff_id", src.diff_id, got)
+        if src.blob_digest is not None:
+            got = self.raw.hexdigest()
+            if got != src.blob_digest:
+                raise DigestMismatch(f"{what}: blob", src.blob_digest, got)
+
+
+class _Prefixed:
+    def __init__(self, head: bytes, rest: HashingReader):
+        self.head = head
+        self.rest = rest
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        if self.head:
+            b, self.head = self.head[:n], self.head[n:]
+            return b
+        return self.rest.read(n)

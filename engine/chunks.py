@@ -1,0 +1,100 @@
+"""Chunk storage: the one place that knows where chunk bytes live.
+
+Everything else addresses chunks by their sha256 through this interface, so a
+second backend (an S3-compatible object store, say) can hold the bytes while
+events, views and indexes stay in SQLite.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Protocol
+
+import zstandard
+
+from .errors import CorruptStore
+
+RAW, ZSTD = 0, 1
+LEVEL = 3
+
+_local = threading.local()
+
+
+def _cctx() -> zstandard.ZstdCompressor:
+    # One compressor per thread: reuse is much faster for small inputs, and a
+    # context must not be shared between threads.
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=LEVEL)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode(raw: bytes) -> tuple[int, bytes]:
+    """Compress, or keep raw when compressing does not shrink it."""
+    z = _cctx().compress(raw)
+    return (ZSTD, z) if len(z) < len(raw) else (RAW, raw)
+
+
+def decode(codec: int, data: bytes, size: int) -> bytes:
+    if codec == RAW:
+        out = bytes(data)
+    elif codec == ZSTD:
+        try:
+            # The stored raw size is the bound; never trust the frame header.
+            out = _dctx().decompress(data, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise CorruptStore(f"chunk does not decompress: {e}") from None
+    else:
+        raise CorruptStore(f"chunk has unknown codec {codec}")
+    if len(out) != size:
+        raise CorruptStore(f"chunk decompresses to {len(out)} bytes, expected {size}")
+    return out
+
+
+class ChunkStore(Protocol):
+    def has(self, sha: bytes) -> bool: ...
+    def put(self, sha: bytes, raw: bytes, encoded: tuple[int, bytes] | None = None) -> bool: ...
+    def get(self, sha: bytes) -> bytes: ...
+    def get_many(self, shas: Iterable[bytes]) -> Iterable[bytes]: ...
+    def delete(self, sha: bytes) -> None: ...
+
+
+class SqliteChunkStore:
+    """Chunks in the store's own `chunk` table."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def has(self, sha: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM chunk WHERE sha256 = ?", (sha,)).fetchone() is not None
+
+    def put(self, sha: bytes, raw: bytes, encoded: tuple[int, bytes] | None = None) -> bool:
+        """Store a chunk unless present; True when it was new."""
+        if self.has(sha):
+            return False
+        codec, data = encoded or encode(raw)
+        self.conn.execute(
+            "INSERT INTO chunk(sha256, size, codec, data) VALUES (?, ?, ?, ?)", (sha, len(raw), codec, data)
+        )
+        return True
+
+    def get(self, sha: bytes) -> bytes:
+        row = self.conn.execute("SELECT size, codec, data FROM chunk WHERE sha256 = ?", (sha,)).fetchone()
+        if row is None:
+            raise CorruptStore(f"chunk {sha.hex()} is missing")
+        size, codec, data = row
+        return decode(codec, data, size)
+
+    def get_many(self, shas: Iterable[bytes]) -> Iterable[bytes]:
+        for sha in shas:
+            yield self.get(sha)
+
+    def delete(self, sha: bytes) -> None:
+        self.conn.execute("DELETE FROM chunk WHERE sha256 = ?", (sha,))

@@ -1,0 +1,197 @@
+"""Writing a view out: as a tar stream, or into a directory that nothing escapes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tarfile
+from typing import BinaryIO, Callable
+
+from .content import ContentStore
+from .errors import LayerdbError, UsageError
+from .replay import Node, View
+
+TAR_TYPES = {
+    "f": tarfile.REGTYPE,
+    "d": tarfile.DIRTYPE,
+    "l": tarfile.SYMTYPE,
+    "p": tarfile.FIFOTYPE,
+    "c": tarfile.CHRTYPE,
+    "b": tarfile.BLKTYPE,
+}
+
+
+def _s(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(_s(path))
+    ti.type = TAR_TYPES[node.type]
+    ti.mode = node.mode or 0
+    ti.uid, ti.gid = node.uid or 0, node.gid or 0
+    ti.uname = ti.gname = ""
+    ti.mtime = node.mtime or 0
+    if node.type == "f":
+        ti.size = node.size or 0
+    elif node.type == "l":
+        ti.linkname = _s(node.link or b"")
+    elif node.type in ("c", "b"):
+        ti.devmajor, ti.devminor = node.devmajor or 0, node.devminor or 0
+    if node.xattrs:
+        ti.pax_headers = {"SCHILY.xattr." + k: _s(v) for k, v in node.xattr_dict().items()}
+    return ti
+
+
+def write_tar(view: View, content: ContentStore, out: BinaryIO,
+              progress: Callable[[int, int], None] | None = None) -> int:
+    """Stream the view as a tar; hard-linked names after the first become tar hard links."""
+    first_name: dict[int, str] = {}
+    total = len(view.nodes) - 1
+    n = 0
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for path, node in view.walk():
+            n += 1
+            ti = tarinfo(path, node)
+            if node.type != "d":
+                key = id(node)
+                if key in first_name:
+                    ti.type, ti.size, ti.linkname = tarfile.LNKTYPE, 0, first_name[key]
+                    tar.addfile(ti)
+                    continue
+                first_name[key] = ti.name
+            if node.type == "f":
+                tar.addfile(ti, content.open_blob(node.blob_id) if node.size else None)
+            else:
+                tar.addfile(ti)
+            if progress and n % 500 == 0:
+                progress(n, total)
+    if progress:
+        progress(n, total)
+    return n
+
+
+# Directory export --------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class _DirWriter:
+    """Creates entries relative to directory fds opened with O_NOFOLLOW.
+
+    Every parent is opened one component at a time without following symlinks,
+    so no entry can land outside the target, whatever the view holds.
+    """
+
+    def __init__(self, root: str):
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        self.cache: dict[bytes, int] = {b"": self.root_fd}
+        self.is_root = os.geteuid() == 0
+
+    def close(self) -> None:
+        for fd in self.cache.values():
+            os.close(fd)
+        self.cache.clear()
+
+    def dir_fd(self, path: bytes) -> int:
+        fd = self.cache.get(path)
+        if fd is not None:
+            return fd
+        i = path.rfind(b"/")
+        parent, name = (path[:i], path[i + 1:]) if i >= 0 else (b"", path)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=self.dir_fd(parent))
+        if len(self.cache) > 256:  # bound open fds; deep trees reopen as needed
+            for k in [k for k in self.cache if k][:128]:
+                os.close(self.cache.pop(k))
+        self.cache[path] = fd
+        return fd
+
+    def split(self, path: bytes) -> tuple[int, bytes]:
+        i = path.rfind(b"/")
+        return (self.dir_fd(path[:i]), path[i + 1:]) if i >= 0 else (self.root_fd, path)
+
+    def meta(self, dfd: int, name: bytes, node: Node) -> None:
+        """Owner, mode, xattrs and mtime of an entry we just created (never a symlink)."""
+        if self.is_root:
+            os.chown(name, node.uid or 0, node.gid or 0, dir_fd=dfd, follow_symlinks=False)
+        os.chmod(name, node.mode or 0, dir_fd=dfd)
+        for k, v in node.xattr_dict().items():
+            try:
+                # setxattr has no dir_fd form: go through the directory fd's /proc name.
+                os.setxattr(_fd_path(dfd, name), k, v, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+        mt = node.mtime or 0
+        os.utime(name, (mt, mt), dir_fd=dfd, follow_symlinks=False)
+
+
+def _fd_path(dfd: int, name: bytes) -> bytes:
+    return b"/proc/self/fd/%d/%s" % (dfd, name)
+
+
+def write_dir(view: View, content: ContentStore, target: str, allow_devices: bool = False) -> int:
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise UsageError(f"--dir {target}: exists and is not a directory")
+        if os.listdir(target):
+            raise UsageError(f"--dir {target}: directory is not empty")
+    else:
+        os.makedirs(target)
+    if not allow_devices:
+        for path, node in view.walk():
+            if node.type in ("c", "b"):
+                raise UsageError(
+                    f"the view holds a device file (/{_s(path)}); pass --allow-devices to create device files"
+                )
+    w = _DirWriter(target)
+    dirs: list[tuple[bytes, Node]] = []
+    first: dict[int, bytes] = {}
+    n = 0
+    try:
+        for path, node in view.walk():
+            n += 1
+            dfd, name = w.split(path)
+            if node.type == "d":
+                os.mkdir(name, 0o700, dir_fd=dfd)
+                dirs.append((path, node))
+                continue
+            key = id(node)
+            if key in first:
+                sfd, sname = w.split(first[key])
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                continue
+            first[key] = path
+            if node.type == "f":
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                             0o600, dir_fd=dfd)
+                with os.fdopen(fd, "wb") as f:
+                    if node.size:
+                        for chunk in content.iter_blob(node.blob_id):
+                            f.write(chunk)
+                w.meta(dfd, name, node)
+            elif node.type == "l":
+                os.symlink(node.link or b"", name, dir_fd=dfd)
+                if w.is_root:
+                    os.chown(name, node.uid or 0, node.gid or 0, dir_fd=dfd, follow_symlinks=False)
+                mt = node.mtime or 0
+                os.utime(name, (mt, mt), dir_fd=dfd, follow_symlinks=False)
+            elif node.type == "p":
+                os.mkfifo(name, 0o600, dir_fd=dfd)
+                w.meta(dfd, name, node)
+            elif node.type in ("c", "b"):
+                kind = stat.S_IFCHR if node.type == "c" else stat.S_IFBLK
+                os.mknod(name, kind | 0o600, os.makedev(node.devmajor or 0, node.devminor or 0), dir_fd=dfd)
+                w.meta(dfd, name, node)
+        # Directory modes and times last, deepest first, as tar does: a read-only
+        # directory must not stop its own children from being written.
+        for path, node in reversed(dirs):
+            dfd, name = w.split(path)
+            w.meta(dfd, name, node)
+    except OSError as e:
+        raise LayerdbError(f"export to {target}: {e}") from None
+    finally:
+        w.close()
+    return n

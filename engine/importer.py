@@ -1,0 +1,310 @@
+"""Importing archives: layer tars become event logs, contents become chunks."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+from .archive import Archive, ImageSource, LayerSource, LayerStream
+from .content import ContentStore
+from .errors import LayerFormatError, UsageError
+from .store import Store
+from .tarstream import TarReader
+
+log = structlog.get_logger("layerdb.import")
+
+OPAQUE, WHITEOUT, IMPLIED, PUT, IGNORED = 0, 1, 2, 3, 4
+KIND_NAMES = {OPAQUE: "opaque", WHITEOUT: "whiteout", IMPLIED: "implied", PUT: "put", IGNORED: "ignored"}
+WH = b".wh."
+OPQ = b".wh..wh..opq"
+MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
+BATCH = 2000
+
+# progress(kind, done, total): kind is "layer" (bytes of the current blob) or "image".
+Progress = Callable[[str, int, int], None]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def normalize(name: bytes) -> bytes:
+    """A tar member name as a path relative to the root: no '.', no empty parts.
+
+    Absolute names are taken relative to the root (as tar and Docker do);
+    '..' components and NUL bytes are refused.
+    """
+    if b"\0" in name:
+        raise LayerFormatError(f"tar entry name contains a NUL byte: {name!r}")
+    parts = [p for p in name.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise LayerFormatError(f"tar entry escapes the root: {name.decode('utf-8', 'replace')!r}")
+    if len(parts) > MAX_DEPTH:
+        raise LayerFormatError(f"tar entry path has {len(parts)} components (limit {MAX_DEPTH})")
+    return b"/".join(parts)
+
+
+def _parent(path: bytes) -> bytes:
+    i = path.rfind(b"/")
+    return path[:i] if i >= 0 else b""
+
+
+def _ancestors(path: bytes):
+    """Proper ancestors, nearest first, without the root."""
+    while True:
+        i = path.rfind(b"/")
+        if i < 0:
+            return
+        path = path[:i]
+        yield path
+
+
+def encode_framing_record(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+@dataclass
+class DiffResult:
+    diff_rowid: int
+    diff_id: str
+    new: bool
+    tar_size: int = 0
+    file_bytes: int = 0
+    entries: int = 0
+
+
+@dataclass
+class ImportResult:
+    images: list[dict] = field(default_factory=list)
+    new_diffs: int = 0
+    reused_diffs: int = 0
+    bytes_read: int = 0
+
+
+class Importer:
+    def __init__(self, store: Store, content: ContentStore, progress: Progress | None = None):
+        self.store = store
+        self.content = content
+        self.progress = progress
+        self._paths: dict[bytes, int] = {}
+
+    def _pid(self, path: bytes) -> int:
+        pid = self._paths.get(path)
+        if pid is None:
+            pid = self._paths[path] = self.store.intern_path(path)
+            if len(self._paths) > 200_000:  # keep memory flat on huge layers
+                self._paths.clear()
+        return pid
+
+    # Archive ----------------------------------------------------------------
+
+    def import_archive(self, path: str, tag: str | None = None, platform: str | None = None) -> ImportResult:
+        result = ImportResult()
+        with Archive(path) as arc:
+            images = arc.images(platform)
+            if tag is not None and len(images) != 1:
+                raise UsageError(f"--tag needs an archive with one image; {path} holds {len(images)}")
+            verified: dict[str, DiffResult] = {}  # archive member -> its checked diff
+            with self.store.write():
+                for img in images:
+                    tags = [tag] if tag is not None else img.repo_tags
+                    result.images.append(self._import_image(arc, img, tags, verified, result))
+        return result
+
+    def _import_image(self, arc: Archive, img: ImageSource, tags: list[str], verified, result) -> dict:
+        cfg = json.loads(img.config)
+        diffs: list[DiffResult] = []
+        for i, src in enumerate(img.layers):
+            key = src.member
+            d = verified.get(key)
+            if d is None or d.diff_id != src.diff_id:
+                d = self._import_layer(arc, src, f"layer {i + 1} ({src.member})")
+                verified[key] = d
+                if d.new:
+                    result.new_diffs += 1
+                else:
+                    result.reused_diffs += 1
+            diffs.append(d)
+        cids = chain_ids([d.diff_id for d in diffs])
+        parent = None
+        for pos, (d, cid) in enumerate(zip(diffs, cids), start=1):
+            row = self.store.one("SELECT id FROM layer WHERE chain_id = ?", (cid,))
+            if row is None:
+                row = self.store.one(
+                    "INSERT INTO layer(chain_id, parent_id, diff_id, position) VALUES (?, ?, ?, ?) RETURNING id",
+                    (cid, parent, d.diff_rowid, pos),
+                )
+            parent = row[0]
+        image_row = self.store.one("SELECT id FROM image WHERE digest = ?", (img.digest,))
+        new_image = image_row is None
+        if new_image:
+            image_row = self.store.one(
+                "INSERT INTO image(digest, config, top_layer, created, os, architecture, imported)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    img.digest,
+                    img.config,
+                    parent,
+                    _str(cfg.get("created")),
+                    _str(cfg.get("os")),
+                    _str(cfg.get("architecture")),
+                    now(),
+                ),
+            )
+            self._history(image_row[0], cfg, len(diffs))
+        image_id = image_row[0]
+        for t in tags:
+            self.store.execute(
+                "INSERT INTO tag(name, image_id) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id",
+                (normalize_tag(t), image_id),
+            )
+        log.info("image", id=img.digest, tags=tags, layers=len(diffs), new=new_image)
+        return {"id": img.digest, "repo_tags": tags, "layers": len(diffs), "new": new_image}
+
+    def _history(self, image_id: int, cfg: dict, n_layers: int) -> None:
+        pos = 0
+        rows = []
+        for idx, h in enumerate(cfg.get("history") or []):
+            empty = bool(h.get("empty_layer"))
+            p = None
+            if not empty and pos < n_layers:
+                pos += 1
+                p = pos
+            rows.append(
+                (image_id, idx, p, _str(h.get("created")), _str(h.get("created_by")), _str(h.get("comment")), int(empty))
+            )
+        self.store.conn.executemany(
+            "INSERT INTO history(image_id, idx, position, created, created_by, comment, empty_layer)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    # Layers -------------------------------------------------------------------
+
+    def _import_layer(self, arc: Archive, src: LayerSource, what: str) -> DiffResult:
+        f, size = arc.open_member(src.member, what)
+        stream = LayerStream(f)
+        row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (src.diff_id,))
+        if row is not None:
+            # Stored already: only check that this archive's blob is what it claims.
+            stream.drain()
+            stream.verify(src, what)
+            return DiffResult(row[0], src.diff_id, new=False)
+        return self._ingest(stream, src, what, size)
+
+    def _ingest(self, stream: LayerStream, src: LayerSource, what: str, blob_size: int) -> DiffResult:
+        diff_rowid = self.store.scalar(
+            "INSERT INTO diff(diff_id, tar_size, file_bytes, entries, imported) VALUES (?, 0, 0, 0, ?) RETURNING id",
+            (src.diff_id, now()),
+        )
+        reader = TarReader(stream)
+        framing = self.content.writer()  # streamed: a big layer's headers never sit in memory
+        rows: list[tuple] = []
+        present: set[bytes] = set()
+        needed: set[bytes] = set()
+        file_bytes = 0
+        seq = -1
+        ins = (
+            "INSERT INTO event(diff_id, kind, seq, path_id, type, mode, uid, gid, mtime, size, blob_id, link,"
+            " target_id, devmajor, devminor, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        progress = self.progress
+        try:
+            for seq, e in enumerate(reader):
+                framing.write(encode_framing_record(e.framing))
+                path = normalize(e.name)
+                base = path.rsplit(b"/", 1)[-1]
+                blob_id = None
+                if e.type == "f":
+                    blob_id, _ = self.content.write(reader.payload(), e.size)
+                    file_bytes += e.size
+                if base.startswith(WH):
+                    parent = _parent(path)
+                    if base == OPQ:
+                        kind, target = OPAQUE, parent
+                    elif base.startswith(WH + WH):
+                        kind, target = IGNORED, path  # AUFS bookkeeping (.wh..wh.plnk): not a delete
+                    else:
+                        name = base[len(WH):]
+                        if not name:
+                            raise LayerFormatError(f"whiteout entry with an empty name: {e.name!r}")
+                        kind, target = WHITEOUT, (parent + b"/" + name if parent else name)
+                    needed.update(_ancestors(path))
+                    rows.append(
+                        (diff_rowid, kind, seq, self._pid(target), e.type, e.mode, e.uid, e.gid, e.mtime,
+                         e.size if e.type == "f" else None, blob_id, None, None, None, None, None)
+                    )
+                else:
+                    if not path:
+                        if e.type != "d":
+                            raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
+                    present.add(path)
+                    needed.update(_ancestors(path))
+                    target_id = link = None
+                    if e.type == "h":
+                        tpath = normalize(e.linkname)
+                        if not tpath:
+                            raise LayerFormatError(f"hard link {e.name!r} points at the root")
+                        target_id = self._pid(tpath)
+                    elif e.type == "l":
+                        link = e.linkname
+                    xattrs = json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())}) if e.xattrs else None
+                    dev = e.type in ("c", "b")
+                    rows.append(
+                        (diff_rowid, PUT, seq, self._pid(path), e.type, e.mode, e.uid, e.gid, e.mtime,
+                         e.size if e.type == "f" else None, blob_id, link, target_id,
+                         e.devmajor if dev else None, e.devminor if dev else None, xattrs)
+                    )
+                if len(rows) >= BATCH:
+                    self.store.conn.executemany(ins, rows)
+                    rows.clear()
+                    if progress:
+                        progress("layer", stream.raw.count, blob_size)
+        except LayerFormatError as err:
+            raise LayerFormatError(f"{what}: {err.message}") from None
+        entries = seq + 1
+        # Parents that the tar never names are implied directories (mkdir -p).
+        implied = sorted(needed - present)
+        for i, p in enumerate(implied):
+            rows.append((diff_rowid, IMPLIED, entries + i, self._pid(p), "d", 0o755, 0, 0, None,
+                         None, None, None, None, None, None, None))
+        self.store.conn.executemany(ins, rows)
+        framing.write(encode_framing_record(reader.trailer))
+        stream.drain()
+        stream.verify(src, what)
+        fb_id, _ = framing.close()
+        self.store.execute(
+            "UPDATE diff SET tar_size = ?, file_bytes = ?, entries = ?, framing = ? WHERE id = ?",
+            (stream.tar.count, file_bytes, entries, fb_id, diff_rowid),
+        )
+        if progress:
+            progress("layer", stream.raw.count, blob_size)
+        log.info("layer", diff_id=src.diff_id, entries=entries, tar_bytes=stream.tar.count,
+                 compression=stream.compression)
+        return DiffResult(diff_rowid, src.diff_id, True, stream.tar.count, file_bytes, entries)
+
+
+def normalize_tag(t: str) -> str:
+    """'name' -> 'name:latest'; a tag is what follows ':' in the last path part."""
+    last = t.rsplit("/", 1)[-1]
+    if "@" in t:
+        return t
+    return t if ":" in last else t + ":latest"
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) else None

@@ -1,0 +1,162 @@
+"""The SQLite store: connection, pragmas, schema versions, transactions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import apsw
+
+from .errors import SchemaTooNew, StoreError
+
+SCHEMA_VERSION = 1
+
+# Pragmas, chosen on purpose:
+# - WAL: readers never block the importer and the importer never blocks
+#   readers; a reader sees the last committed state, never half an import.
+# - synchronous=FULL: an import is one transaction, so the cost is one extra
+#   fsync per import, and a committed import survives power loss.
+# - busy timeout 10 s: a second writer waits for the first one's transaction
+#   instead of failing with "database is locked".  Imports of big images hold
+#   the write lock for seconds, so milliseconds would not do.
+# - foreign_keys: the schema's references are checked, not just documented.
+# - cache 32 MiB: large enough for the path and event indexes of big imports,
+#   small enough for the 100 MiB peak-RSS budget.
+# - trusted_schema=OFF: a store file from elsewhere cannot run functions from
+#   views or triggers it carries.
+BUSY_TIMEOUT_MS = 10_000
+PRAGMAS = (
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA cache_size = -32768",
+    "PRAGMA trusted_schema = OFF",
+    "PRAGMA temp_store = FILE",
+)
+
+
+def default_db_path() -> Path:
+    """$LAYERDB_DB, else $XDG_DATA_HOME/layerdb/layerdb.sqlite."""
+    env = os.environ.get("LAYERDB_DB")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "layerdb" / "layerdb.sqlite"
+
+
+def schema_sql() -> str:
+    return resources.files("layerdb.engine").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+class Store:
+    """One open store file.  Not thread-safe: one Store per thread."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = apsw.Connection(str(self.path))
+        except (OSError, apsw.CantOpenError) as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from None
+        self.conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        self._depth = 0
+        try:
+            self._setup()
+        except apsw.NotADBError:
+            raise StoreError(f"{self.path} is not a layerdb store (not an SQLite database)") from None
+
+    def _setup(self) -> None:
+        for p in PRAGMAS:
+            self.conn.execute(p)
+        mode = self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            self.conn.execute("PRAGMA journal_mode = WAL")
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path} has schema version {version}; this layerdb knows up to {SCHEMA_VERSION}: upgrade layerdb"
+            )
+        if version == 0:
+            with self.write():
+                # Another process may have created it while we waited for the lock.
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    if self.conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                        raise StoreError(f"{self.path} is an SQLite database but not a layerdb store")
+                    self.conn.execute(schema_sql())
+                    self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Transactions ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        """A write transaction; nested calls become savepoints.
+
+        BEGIN IMMEDIATE takes the write lock up front, so a second writer waits
+        on the busy timeout instead of failing when it upgrades a read.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                with self.conn:  # apsw: a savepoint
+                    yield
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """A read transaction: every query inside sees one snapshot."""
+        if self._depth:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            self.conn.execute("COMMIT")
+
+    # Queries ----------------------------------------------------------------
+
+    def execute(self, sql: str, bindings: Any = None) -> apsw.Cursor:
+        return self.conn.execute(sql, bindings)
+
+    def one(self, sql: str, bindings: Any = None) -> Any:
+        """The first row, or None."""
+        return self.conn.execute(sql, bindings).fetchone()
+
+    def scalar(self, sql: str, bindings: Any = None) -> Any:
+        row = self.conn.execute(sql, bindings).fetchone()
+        return None if row is None else row[0]
+
+    def path_id(self, path: bytes) -> int | None:
+        return self.scalar("SELECT id FROM path WHERE path = ?", (path,))
+
+    def intern_path(self, path: bytes) -> int:
+        pid = self.scalar("SELECT id FROM path WHERE path = ?", (path,))
+        if pid is None:
+            name = path.rsplit(b"/", 1)[-1]
+            pid = self.scalar("INSERT INTO path(path, name) VALUES (?, ?) RETURNING id", (path, name))
+        return pid

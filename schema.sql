@@ -1,0 +1,139 @@
+-- layerdb schema, version 1.  This file is the only place the schema lives;
+-- engine/store.py runs it on an empty database and sets PRAGMA user_version.
+--
+-- Shape of the data:
+--   chunk   <- blob_chunk -> blob       content, addressed by sha256, zstd chunks
+--   path                                every path ever seen, interned (raw bytes)
+--   diff    <- event                    one layer tar, stored once, as its entries
+--   layer   -> diff, parent layer       a position in a chain (OCI chain_id)
+--   image   -> top layer; tag, history  a config and its names
+--
+-- A diff is shared by every chain that contains it, so its events record what
+-- the tar says (put / whiteout / opaque), never "add" or "modify": that depends
+-- on the view below, which differs from chain to chain.  engine/replay.py
+-- derives add/modify/delete per chain at query time.
+
+-- Content -----------------------------------------------------------------
+
+-- Chunk bytes.  Kept behind engine/chunks.py (put/get/has/delete by sha256) so
+-- that a second backend can hold them elsewhere: nothing else reads this table.
+CREATE TABLE chunk (
+    sha256  BLOB PRIMARY KEY,           -- 32 raw bytes of sha256(raw data)
+    size    INTEGER NOT NULL,           -- raw size: the decompression bound
+    codec   INTEGER NOT NULL,           -- 0 stored raw, 1 zstd
+    data    BLOB NOT NULL
+) WITHOUT ROWID;
+
+-- A file's contents: the concatenation of its chunks, in seq order.
+CREATE TABLE blob (
+    id      INTEGER PRIMARY KEY,
+    sha256  BLOB NOT NULL UNIQUE,       -- 32 raw bytes of sha256(contents)
+    size    INTEGER NOT NULL
+);
+
+CREATE TABLE blob_chunk (
+    blob_id INTEGER NOT NULL REFERENCES blob(id) ON DELETE CASCADE,
+    seq     INTEGER NOT NULL,
+    offset  INTEGER NOT NULL,           -- byte offset of the chunk in the blob
+    chunk   BLOB NOT NULL,              -- chunk.sha256 (no foreign key: the chunk may live in another backend)
+    PRIMARY KEY (blob_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX blob_chunk_by_chunk ON blob_chunk(chunk);
+
+-- Paths -------------------------------------------------------------------
+
+-- Raw path bytes relative to the root, no leading or trailing '/', '' is the
+-- root itself.  Subtrees are index ranges: path > 'a/b/' AND path < 'a/b0'.
+CREATE TABLE path (
+    id      INTEGER PRIMARY KEY,
+    path    BLOB NOT NULL UNIQUE,
+    name    BLOB NOT NULL               -- last component, for find --name
+);
+CREATE INDEX path_by_name ON path(name);
+
+-- Diffs and their events ----------------------------------------------------
+
+CREATE TABLE diff (
+    id          INTEGER PRIMARY KEY,
+    diff_id     TEXT NOT NULL UNIQUE,   -- 'sha256:<hex>' of the uncompressed tar
+    tar_size    INTEGER NOT NULL,       -- bytes of the uncompressed tar
+    file_bytes  INTEGER NOT NULL,       -- regular-file payload bytes in it
+    entries     INTEGER NOT NULL,       -- tar entries
+    framing     INTEGER REFERENCES blob(id),  -- the tar minus file payloads (lossless rebuild)
+    imported    TEXT NOT NULL           -- ISO 8601 UTC
+);
+
+-- kind: 0 opaque, 1 whiteout, 2 implied parent directory, 3 put, 4 ignored
+-- (AUFS bookkeeping such as .wh..wh.plnk).  Within one diff the replay applies
+-- them in that order (opaque and whiteouts only hide lower layers), then puts in
+-- tar order; that order is (kind, seq), so the primary key serves it.
+-- seq is the tar entry index; implied directories are numbered after the last
+-- entry, so seq < diff.entries means "a real tar entry" (needed for the rebuild).
+-- type: f d l h p c b; h is a hard link whose target path is target_id.
+CREATE TABLE event (
+    diff_id     INTEGER NOT NULL REFERENCES diff(id) ON DELETE CASCADE,
+    kind        INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    path_id     INTEGER NOT NULL REFERENCES path(id),
+    type        TEXT,
+    mode        INTEGER,                -- permission bits incl. setuid/setgid/sticky
+    uid         INTEGER,
+    gid         INTEGER,
+    mtime       INTEGER,                -- seconds; fractions stay in the framing
+    size        INTEGER,                -- regular files: content size
+    blob_id     INTEGER REFERENCES blob(id),
+    link        BLOB,                   -- symlink target, raw bytes
+    target_id   INTEGER REFERENCES path(id),  -- hard-link target
+    devmajor    INTEGER,
+    devminor    INTEGER,
+    xattrs      TEXT,                   -- JSON {name: hex value}, NULL when none
+    PRIMARY KEY (diff_id, kind, seq)
+) WITHOUT ROWID;
+-- Depth-free lookups: every event on a path, whatever chain it is in.
+CREATE INDEX event_by_path ON event(path_id, diff_id);
+-- Which hard links name a path (they change its metadata and share its content).
+CREATE INDEX event_by_target ON event(target_id) WHERE target_id IS NOT NULL;
+CREATE INDEX event_by_blob ON event(blob_id) WHERE blob_id IS NOT NULL;
+
+-- Chains and images ---------------------------------------------------------
+
+CREATE TABLE layer (
+    id          INTEGER PRIMARY KEY,
+    chain_id    TEXT NOT NULL UNIQUE,   -- 'sha256:<hex>'
+    parent_id   INTEGER REFERENCES layer(id),
+    diff_id     INTEGER NOT NULL REFERENCES diff(id),
+    position    INTEGER NOT NULL        -- 1 = bottom
+);
+CREATE INDEX layer_by_parent ON layer(parent_id);
+CREATE INDEX layer_by_diff ON layer(diff_id);
+
+CREATE TABLE image (
+    id          INTEGER PRIMARY KEY,
+    digest      TEXT NOT NULL UNIQUE,   -- 'sha256:<hex>' of the config: the image id
+    config      BLOB NOT NULL,          -- the config bytes exactly as imported
+    top_layer   INTEGER REFERENCES layer(id),  -- NULL for an image without diffs
+    created     TEXT,
+    os          TEXT,
+    architecture TEXT,
+    imported    TEXT NOT NULL
+);
+CREATE INDEX image_by_top ON image(top_layer);
+
+CREATE TABLE tag (
+    name        TEXT PRIMARY KEY,       -- 'repo:tag'
+    image_id    INTEGER NOT NULL REFERENCES image(id) ON DELETE CASCADE
+);
+CREATE INDEX tag_by_image ON tag(image_id);
+
+-- The config's history, one row per entry, in config order.  position is the
+-- layer position the entry made (1 = bottom), NULL for empty_layer entries.
+CREATE TABLE history (
+    image_id    INTEGER NOT NULL REFERENCES image(id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,
+    position    INTEGER,
+    created     TEXT,
+    created_by  TEXT,
+    comment     TEXT,
+    empty_layer INTEGER NOT NULL,
+    PRIMARY KEY (image_id, idx)
+) WITHOUT ROWID;
