@@ -213,6 +213,16 @@ class LayerDB:
         with self.store.read():
             return write_dir(view, self.content, target, allow_devices)
 
+    def layer_tar(self, diff_id: str) -> Iterator[bytes]:
+        """The original tar of a stored diff, byte for byte, as a stream."""
+        from .lossless import iter_layer_tar
+
+        with self.store.read():
+            rowid = self.store.scalar("SELECT id FROM diff WHERE diff_id = ?", (diff_id,))
+            if rowid is None:
+                raise NotFound(f"no stored diff {diff_id}")
+            yield from iter_layer_tar(self.store.conn, self.content, rowid)
+
     # Audit ------------------------------------------------------------------
 
     def default_image(self) -> str:
@@ -237,7 +247,10 @@ class LayerDB:
             created_by = self.created_by(r)
             chain_ids = {li.position: li.chain_id for li in r.layers}
             events = self._closure_events(r, p)
-            return _timeline(p, events, r, created_by, chain_ids)
+            rows = _timeline(p, events, r, created_by, chain_ids)
+        if not rows:
+            raise NotFound(f"{show_path(p)}: no event in the chain of {image or r.label()} ever touched this path")
+        return rows
 
 
 def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:

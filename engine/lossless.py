@@ -1,0 +1,65 @@
+"""Rebuilding a layer tar byte for byte from its events, contents and framing."""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+from .content import ContentStore
+from .errors import CorruptStore
+
+
+class _Records:
+    """Reads the framing blob's length-prefixed records across chunk borders."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = chunks
+        self.buf = b""
+
+    def _need(self, n: int) -> bytes:
+        parts = [self.buf]
+        have = len(self.buf)
+        while have < n:
+            c = next(self.chunks, None)
+            if c is None:
+                raise CorruptStore("layer framing ends early")
+            parts.append(c)
+            have += len(c)
+        data = b"".join(parts)
+        self.buf = data[n:]
+        return data[:n]
+
+    def next(self) -> bytes:
+        (n,) = struct.unpack(">I", self._need(4))
+        return self._need(n)
+
+    def at_end(self) -> bool:
+        if self.buf:
+            return False
+        for c in self.chunks:
+            if c:
+                self.buf = c
+                return False
+        return True
+
+
+def iter_layer_tar(conn, content: ContentStore, diff_rowid: int) -> Iterator[bytes]:
+    """The diff's original tar stream, in pieces of at most one chunk."""
+    row = conn.execute("SELECT framing, entries, diff_id FROM diff WHERE id = ?", (diff_rowid,)).fetchone()
+    if row is None or row[0] is None:
+        raise CorruptStore(f"diff {diff_rowid} has no framing")
+    framing_blob, entries, diff_id = row
+    rec = _Records(content.iter_blob(framing_blob))
+    payloads = conn.execute(
+        "SELECT seq, blob_id FROM event WHERE diff_id = ? AND seq < ? AND kind != 2 ORDER BY seq",
+        (diff_rowid, entries),
+    ).fetchall()
+    if len(payloads) != entries:
+        raise CorruptStore(f"{diff_id}: {entries} tar entries but {len(payloads)} events")
+    for seq, blob_id in payloads:
+        yield rec.next()
+        if blob_id is not None:
+            yield from content.iter_blob(blob_id)
+    yield rec.next()
+    if not rec.at_end():
+        raise CorruptStore(f"{diff_id}: framing has bytes after the end of the tar")

@@ -1,0 +1,156 @@
+"""The command line: every command end to end, JSON keys, and error lines."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import REPO_FIXTURES, load_json_lines, oracle_lines, run_cli
+
+SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
+ORACLE = REPO_FIXTURES / "oracle" / "sample"
+INDEX = json.loads((ORACLE / "index.json").read_text())
+
+
+@pytest.fixture
+def store(tmp_path):
+    p = tmp_path / "cli.sqlite"
+    r = run_cli("import", str(SAMPLE), db_path=p)
+    assert r.exit_code == 0, r.output
+    assert "Loaded image: sample:1.0" in r.stdout
+    return p
+
+
+def oracle_entry(pos, path):
+    for line in oracle_lines(ORACLE, pos):
+        e = json.loads(line)
+        if e["path"] == path.lstrip("/"):
+            return e
+    return None
+
+
+def test_every_command_has_help():
+    from layerdb.cli.main import cli
+
+    for name, cmd in cli.commands.items():
+        assert cmd.help, name
+        r = run_cli(name, "--help")
+        assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_images_json(store):
+    (img,) = load_json_lines(run_cli("images", "--json", db_path=store).stdout)
+    assert img["id"] == INDEX["config_digest"]
+    assert img["repo_tags"] == ["sample:1.0"]
+    assert img["layers"] == 6
+    top = [json.loads(l) for l in oracle_lines(ORACLE, 6)]
+    # size: regular-file bytes of every layer's diff (what docker images reports, uncompressed)
+    assert img["size"] > sum(e.get("size", 0) for e in top) // 2
+    assert set(img) >= {"id", "repo_tags", "layers", "size", "created"}
+
+
+def test_history_json_matches_config(store):
+    rows = load_json_lines(run_cli("history", "sample:1.0", "--json", db_path=store).stdout)
+    hist = INDEX["history"]
+    assert len(rows) == len(hist)
+    rows.reverse()  # newest first, like docker history
+    for r, h in zip(rows, hist):
+        assert r["created_by"] == h["created_by"]
+        assert r["empty_layer"] == bool(h.get("empty_layer"))
+        if r["empty_layer"]:
+            assert r["position"] is None and r["layer_id"] is None
+        else:
+            layer = INDEX["layers"][r["position"] - 1]
+            assert r["layer_id"] == layer["chain_id"] and r["diff_id"] == layer["diff_id"]
+
+
+def test_history_table(store):
+    out = run_cli("history", "sample:1.0", db_path=store).stdout.splitlines()
+    assert out[0].split()[:3] == ["LAYER", "CREATED", "CREATED"]
+    assert out[1].startswith("<missing>")
+    assert out[-1].startswith(INDEX["layers"][0]["chain_id"][7:19])
+
+
+def test_view_long_json_matches_oracle(store):
+    rows = load_json_lines(run_cli("view", "--at", "sample:1.0~2", "-R", "-l", "--json", "/", db_path=store).stdout)
+    want = [json.loads(l) for l in oracle_lines(ORACLE, 4)]
+    assert [r["path"] for r in rows] == ["/" + e["path"] for e in want]
+    for r, e in zip(rows, want):
+        assert (r["type"], r["mode"], r["uid"], r["gid"]) == (e["type"], e["mode"] if e["type"] != "l" else r["mode"], e["uid"], e["gid"])
+        if e["type"] == "f":
+            assert (r["size"], r["sha256"]) == (e["size"], e["sha256"])
+        if e["type"] == "l":
+            assert r["link"] == e["link"]
+        assert r["layer_id"] in {l["chain_id"] for l in INDEX["layers"][:4]}
+
+
+def test_view_lists_one_directory(store):
+    out = run_cli("view", "--at", "sample:1.0", "/app", db_path=store).stdout.split()
+    want = sorted(e["path"].split("/")[-1] + ("/" if e["type"] == "d" else "")
+                  for e in map(json.loads, oracle_lines(ORACLE, 6)) if e["path"].count("/") == 1 and e["path"].startswith("app/"))
+    assert out == want
+
+
+def test_cat_bytes_match_oracle_at_every_position(store):
+    for pos in range(1, 7):
+        e = oracle_entry(pos, "/etc/passwd")
+        r = run_cli("cat", "--at", f"sample:1.0~{6 - pos}", "/etc/passwd", db_path=store)
+        assert hashlib.sha256(r.stdout_bytes).hexdigest() == e["sha256"]
+
+
+def test_cat_of_hard_link_and_missing_file(store):
+    e = oracle_entry(6, "/app/version.txt")
+    r = run_cli("cat", "--at", "sample:1.0", "/app/version.txt", db_path=store)
+    assert hashlib.sha256(r.stdout_bytes).hexdigest() == e["sha256"]
+    r = run_cli("cat", "--at", "sample:1.0", "/app/docs/README.txt", db_path=store)
+    assert r.exit_code == 5 and "no such file" in r.stderr
+
+
+def test_cat_of_a_directory_is_an_error(store):
+    r = run_cli("cat", "--at", "sample:1.0", "/app", db_path=store)
+    assert r.exit_code != 0 and r.stderr.strip() == "layerdb: error: /app: is a directory at sample:1.0"
+
+
+def test_log_json_keys(store):
+    rows = load_json_lines(run_cli("log", "/etc/passwd", "--image", "sample:1.0", "--json", db_path=store).stdout)
+    assert [r["op"] for r in rows] == ["add", "modify"]
+    for r in rows:
+        assert set(r) >= {"image", "position", "layer_id", "op", "via", "type", "mode", "size", "sha256", "created_by"}
+    assert rows[1]["created_by"].startswith("/bin/sh -c echo 'app:x:1000:1000:demo app:/app:/bin/sh' >> /etc/passwd")
+    assert rows[1]["sha256"] == oracle_entry(3, "/etc/passwd")["sha256"]
+
+
+def test_export_to_stdout_and_file_are_identical(store, tmp_path):
+    r = run_cli("export", "--at", "sample:1.0", "-o", "-", db_path=store)
+    f = tmp_path / "v.tar"
+    assert run_cli("export", "--at", "sample:1.0", "-o", str(f), db_path=store).exit_code == 0
+    assert f.read_bytes() == r.stdout_bytes
+    with tarfile.open(fileobj=io.BytesIO(r.stdout_bytes)) as t:
+        links = {m.name: m.linkname for m in t if m.islnk()}
+    # both names of the hard-linked pair are in the tar, so the second is a tar hard link
+    assert links == {"app/version.txt": "app/VERSION"} or links == {"app/VERSION": "app/version.txt"}
+
+
+def test_unknown_ref_is_one_error_line(store):
+    r = run_cli("view", "--at", "nope", db_path=store)
+    assert r.exit_code == 5
+    assert r.stderr == "layerdb: error: no image or layer matches 'nope' (see `layerdb images`)\n"
+
+
+def test_import_twice_adds_nothing(store):
+    r = run_cli("import", str(SAMPLE), "--json", db_path=store)
+    (row,) = load_json_lines(r.stdout)
+    assert row["new"] is False
+
+
+def test_cli_runs_as_a_module_and_fails_cleanly(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "layerdb.cli", "--db", str(tmp_path / "x.sqlite"), "cat", "--at",
+                        "missing:1", "/etc/passwd"], capture_output=True, text=True)
+    assert p.returncode == 5
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
