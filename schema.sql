@@ -15,20 +15,29 @@
 
 -- Content -----------------------------------------------------------------
 
--- Chunk bytes.  Kept behind engine/chunks.py (put/get/has/delete by sha256) so
--- that a second backend can hold them elsewhere: nothing else reads this table.
+-- Chunk bytes: the unit of compression.  A chunk is either a pack of small
+-- contents compressed together (cross-file redundancy is most of what gzip
+-- finds in a layer) or one content-defined piece of a large content (so an
+-- in-place edit of a big file stores only the pieces it touched).
+-- Kept behind engine/chunks.py (put/get/has/delete by sha256) so that a second
+-- backend can hold them elsewhere: nothing else reads this table.
 CREATE TABLE chunk (
-    sha256  BLOB PRIMARY KEY,           -- 32 raw bytes of sha256(raw data)
+    id      INTEGER PRIMARY KEY,
+    sha256  BLOB NOT NULL UNIQUE,       -- 32 raw bytes of sha256(raw data)
     size    INTEGER NOT NULL,           -- raw size: the decompression bound
     codec   INTEGER NOT NULL,           -- 0 stored raw, 1 zstd
     data    BLOB NOT NULL
-) WITHOUT ROWID;
+);
 
--- A file's contents: the concatenation of its chunks, in seq order.
+-- A content (file bytes, or a layer's framing), addressed by its sha256.
+-- Small contents live in one chunk (a pack) at an offset; large ones are the
+-- concatenation of their blob_chunk rows, and have chunk NULL.
 CREATE TABLE blob (
     id      INTEGER PRIMARY KEY,
     sha256  BLOB NOT NULL UNIQUE,       -- 32 raw bytes of sha256(contents)
-    size    INTEGER NOT NULL
+    size    INTEGER NOT NULL,
+    chunk   BLOB,                       -- chunk.sha256 of the pack holding it
+    offset  INTEGER                     -- where it starts in the pack's raw bytes
 );
 
 CREATE TABLE blob_chunk (

@@ -19,13 +19,33 @@ from . import render
 class LayerdbGroup(click.Group):
     """Turns engine errors into one line on stderr and their exit code."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # Usage errors too are one line (click would print the usage block).
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if not standalone:
+                raise
+            click.echo(f"layerdb: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            if not standalone:
+                raise
+            click.echo("layerdb: aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        if standalone:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
     def invoke(self, ctx: click.Context) -> Any:
         from layerdb.engine.errors import LayerdbError
 
         try:
             return super().invoke(ctx)
         except LayerdbError as e:
-            click.echo(f"layerdb: error: {e.message}", err=True)
+            click.echo(f"layerdb: error: {' '.join(e.message.split())}", err=True)
             ctx.exit(e.exit_code)
         except BrokenPipeError:
             # `layerdb cat ... | head`: the reader left; that is not an error.
@@ -161,10 +181,17 @@ def images(ctx, as_json, no_trunc):
 @click.argument("image")
 @json_option
 @click.option("--no-trunc", is_flag=True, help="Do not truncate created_by.")
+@click.option("--changes", is_flag=True, help="Each layer's change set instead: A/C/D per path against the layer below.")
 @click.pass_context
-def history(ctx, image, as_json, no_trunc):
+def history(ctx, image, as_json, no_trunc, changes):
     """One row per history entry, newest first (like `docker history`)."""
     db = open_db(ctx)
+    if changes:
+        from . import audit as audit_cli
+        from layerdb.engine import audit
+
+        audit_cli.render_changes(audit.changes(db, image), as_json, no_trunc)
+        return
     rows = db.history(image)
     if as_json:
         for r in rows:
@@ -257,29 +284,42 @@ def export(ctx, ref, output, directory, allow_devices):
 @cli.command()
 @click.argument("path")
 @click.option("--image", metavar="IMAGE", help="The image whose chain to audit (default: the only image).")
+@click.option("--all", "all_images", is_flag=True, help="Every stored image whose layers hold or touched PATH.")
+@click.option("-p", "--patch", is_flag=True, help="A unified diff of the contents between consecutive versions.")
+@click.option("--at-version", type=int, metavar="N", help="Write version N's contents (N as in the # column) to stdout.")
 @json_option
 @click.pass_context
-def log(ctx, path, image, as_json):
+def log(ctx, path, image, all_images, patch, at_version, as_json):
     """Every change to PATH along an image's chain, oldest first."""
+    from . import audit as audit_cli
+
     db = open_db(ctx)
-    rows = db.log(path, image=image)
-    if as_json:
-        for r in rows:
-            render.json_line(r)
+    if at_version is not None:
+        from layerdb.engine import audit
+        from layerdb.engine.errors import UsageError
+
+        if all_images or patch or as_json:
+            raise UsageError("--at-version goes with --image only")
+        for chunk in audit.version_contents(db, path, at_version, image):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
         return
-    table = []
-    for r in rows:
-        op = r["op"] + (f" ({r['via']})" if r["via"] else "")
-        size = "" if r["size"] is None else str(r["size"])
-        owner = "" if r["uid"] is None else f"{r['uid']}:{r['gid']}"
-        table.append([str(r["position"]), (r["layer_id"] or "")[7:19], op, r["type"] or "", r["mode"] or "", owner,
-                      size, (r["sha256"] or "")[:12], render.trunc(r["created_by"] or "", 50)])
-    render.table(["POS", "LAYER", "OP", "TYPE", "MODE", "OWNER", "SIZE", "SHA256", "CREATED BY"], table)
+    rows = db.log(path, image=image, all_images=all_images, patch=patch)
+    if as_json:
+        audit_cli.json_rows(rows)
+    elif patch:
+        audit_cli.render_patches(rows)
+    else:
+        audit_cli.render_log(rows, all_images)
 
 
 def main(argv: Iterable[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="layerdb")
 
+
+from . import store_cmds as _store_cmds  # noqa: E402,F401  registers save, fsck, stats
+from . import maint_cmds as _maint_cmds  # noqa: E402,F401  registers rm, gc
+from . import audit as _audit  # noqa: E402,F401  registers diff, find, waste
 
 if __name__ == "__main__":
     main()

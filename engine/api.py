@@ -40,6 +40,7 @@ class LayerDB:
         self.content = ContentStore(self.store.conn, self.chunks)
 
     def close(self) -> None:
+        self.content.close()
         self.store.close()
 
     def __enter__(self) -> "LayerDB":
@@ -233,24 +234,75 @@ class LayerDB:
             raise NotFound("the store holds no images (see `layerdb import`)")
         raise UsageError("the store holds several images: say which with --image")
 
-    def log(self, path: str | bytes, image: str | None = None) -> list[dict]:
+    def log(self, path: str | bytes, image: str | None = None, all_images: bool = False,
+            patch: bool = False) -> list[dict]:
         """Every change to `path` along the image's chain, oldest first.
 
         Deletions that do not name the path (a whiteout or replacement of an
         ancestor, an opaque directory above it) are reported with `via`.
+        Each row's `version` numbers it in its image's timeline (1 = oldest).
+        all_images: one timeline per image whose chain touches the path.
+        patch: each row gets a git-style `patch` from the previous version.
         """
+        from . import audit
+
         p = parse_path(path)
         if not p:
             raise UsageError("log needs a path below /")
+        if all_images and image:
+            raise UsageError("give either --image or --all, not both")
         with self.store.read():
-            r = refs.resolve(self.store, image or self.default_image())
-            created_by = self.created_by(r)
-            chain_ids = {li.position: li.chain_id for li in r.layers}
-            events = self._closure_events(r, p)
-            rows = _timeline(p, events, r, created_by, chain_ids)
-        if not rows:
-            raise NotFound(f"{show_path(p)}: no event in the chain of {image or r.label()} ever touched this path")
+            if all_images:
+                rows = audit.log_all(self, p)
+                if not rows:
+                    raise NotFound(f"{show_path(p)}: no stored image ever held this path")
+            else:
+                r = refs.resolve(self.store, image or self.default_image())
+                created_by = self.created_by(r)
+                chain_ids = {li.position: li.chain_id for li in r.layers}
+                events = self._closure_events(r, p)
+                rows = _timeline(p, events, r, created_by, chain_ids)
+                if not rows:
+                    raise NotFound(f"{show_path(p)}: no event in the chain of {image or r.label()} ever touched this path")
+                for i, row in enumerate(rows, 1):
+                    row["version"] = i
+            if patch:
+                audit.add_patches(self, p, rows)
         return rows
+
+    # Save, verify, measure ------------------------------------------------------
+
+    def save(self, images: list[str], out: BinaryIO, fmt: str = "docker") -> list[dict]:
+        """Write images as one docker-save ("docker") or OCI layout ("oci") tar to out."""
+        from .save import save
+
+        with self.store.read():
+            return save(self.store, self.content, images, out, fmt)
+
+    def fsck(self, deep: bool = False):
+        """A checker: iterate its findings(); its counts say what was checked."""
+        from .fsck import Fsck
+
+        return Fsck(self.store, self.content, deep)
+
+    def stats(self) -> dict:
+        from .stats import stats
+
+        return stats(self.store, self.content)
+
+    # Remove, reclaim ----------------------------------------------------------------
+
+    def remove(self, names: list[str]):
+        """Remove images (or single tags of images with several), all or none."""
+        from .maint import remove
+
+        return remove(self.store, names)
+
+    def gc(self):
+        """Delete what no image references, then shrink the file."""
+        from .maint import collect
+
+        return collect(self.store, self.chunks)
 
 
 def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:

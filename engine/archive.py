@@ -88,7 +88,10 @@ class Archive:
     def __init__(self, path: str):
         self.path = path
         try:
-            self.tar = tarfile.open(path, "r:")
+            with open(path, "rb") as f:
+                magic = f.read(2)
+            # `docker save | gzip` archives are accepted, as docker load does.
+            self.tar = tarfile.open(path, "r:gz" if magic == b"\x1f\x8b" else "r:")
         except FileNotFoundError:
             raise ArchiveError(f"{path}: no such file") from None
         except IsADirectoryError:
@@ -99,7 +102,8 @@ class Archive:
         try:
             for m in self.tar:
                 self.members[_norm(m.name).rstrip("/")] = m
-        except tarfile.TarError as e:
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self.tar.close()
             raise ArchiveError(f"{path}: damaged archive ({e})") from None
 
     def close(self) -> None:
@@ -218,6 +222,8 @@ class Archive:
                 lay.append((ln, bd, mt))
             img = self._config(cfg_name, cfg_digest, lay)
             tags = ent.get("RepoTags") or []
+            if not isinstance(tags, list):
+                raise ArchiveError(f"manifest.json: entry {i} has a malformed RepoTags")
             img.repo_tags = [t for t in tags if isinstance(t, str)]
             out.append(img)
         return out
@@ -382,16 +388,97 @@ class _Gunzip:
                 return out
 
 
+class _ZstdFrames:
+    """Walks zstd frame and block headers in the compressed bytes as they pass.
+
+    python-zstandard's stream reader ends quietly when its input stops in the
+    middle of a frame; this tells a truncated stream from a complete one
+    without decompressing anything twice.
+    """
+
+    def __init__(self) -> None:
+        self.need = 4  # bytes wanted for the next header
+        self.state = "magic"
+        self.hdr = b""
+        self.skip = 0
+        self.checksum = False
+
+    def feed(self, b: bytes) -> None:
+        i, n = 0, len(b)
+        while i < n:
+            if self.skip:
+                k = min(self.skip, n - i)
+                self.skip -= k
+                i += k
+                continue
+            k = min(self.need - len(self.hdr), n - i)
+            self.hdr += b[i : i + k]
+            i += k
+            if len(self.hdr) == self.need:
+                self._header()
+
+    def _header(self) -> None:
+        h, self.hdr = self.hdr, b""
+        if self.state == "magic":
+            magic = int.from_bytes(h, "little")
+            if magic == 0xFD2FB528:
+                self.state, self.need = "fhd", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self.state, self.need = "skipsize", 4
+            else:
+                raise LayerFormatError("zstd stream is corrupt (bad frame magic)")
+        elif self.state == "skipsize":
+            self.skip = int.from_bytes(h, "little")
+            self.state, self.need = "magic", 4
+        elif self.state == "fhd":
+            fhd = h[0]
+            single = (fhd >> 5) & 1
+            fcs = (fhd >> 6) & 3
+            self.checksum = bool((fhd >> 2) & 1)
+            rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fcs]
+            self.skip = rest
+            self.state, self.need = "block", 3
+        elif self.state == "block":
+            v = int.from_bytes(h, "little")
+            last, btype, size = v & 1, (v >> 1) & 3, v >> 3
+            if btype == 3:
+                raise LayerFormatError("zstd stream is corrupt (reserved block type)")
+            self.skip = 1 if btype == 1 else size
+            if last:
+                self.skip += 4 if self.checksum else 0
+                self.state, self.need = "magic", 4
+
+    def complete(self) -> bool:
+        return self.state == "magic" and not self.hdr and not self.skip
+
+
+class _FrameFed:
+    def __init__(self, raw: HashingReader, frames: _ZstdFrames):
+        self.raw, self.frames = raw, frames
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        b = self.raw.read(n)
+        self.frames.feed(b)
+        return b
+
+
 class _Unzstd:
     def __init__(self, raw: HashingReader):
-        self.r = zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_SIZE, read_across_frames=True)
-        self.raw = raw
+        self.frames = _ZstdFrames()
+        self.src = _FrameFed(raw, self.frames)
+        self.r = zstandard.ZstdDecompressor().stream_reader(self.src, read_size=READ_SIZE, read_across_frames=True)
 
     def read(self, n: int = READ_SIZE) -> bytes:
         try:
             out = self.r.read(max(1, min(n, READ_SIZE)))
         except zstandard.ZstdError as e:
             raise LayerFormatError(f"zstd stream is corrupt ({e})") from None
+        if not out:
+            # Let the walker see every input byte before judging the end.
+            while self.src.read(READ_SIZE):
+                pass
+            if not self.frames.complete():
+                raise LayerFormatError("zstd stream is truncated")
         return out
 
 
@@ -400,12 +487,13 @@ class LayerStream:
 
     ``raw`` hashes the blob as stored (the blob digest), ``tar`` the
     uncompressed stream (the diff_id).  Compression is detected by magic bytes.
+    Reading, decompressing and hashing run on a helper thread (zlib, zstd and
+    hashlib release the GIL), a few MiB ahead of the tar parser.
     """
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: BinaryIO, threaded: bool = True):
         self.raw = HashingReader(f)
         head = self.raw.read(4)
-        self._head = head
         if head[:2] == b"\x1f\x8b":
             self.compression = "gzip"
         elif head == b"\x28\xb5\x2f\xfd":
@@ -420,15 +508,21 @@ class LayerStream:
         else:
             dec = src
         self.tar = HashingReader(dec)  # type: ignore[arg-type]
+        self._ahead = _ReadAhead(self.tar.read) if threaded else None
 
     def read(self, n: int = READ_SIZE) -> bytes:
-        return self.tar.read(n)
+        return self._ahead.read(n) if self._ahead else self.tar.read(n)
 
     def drain(self) -> None:
-        while self.tar.read(READ_SIZE):
+        while self.read(READ_SIZE):
             pass
+        self.close()
         while self.raw.read(READ_SIZE):  # bytes after the end of the compressed stream
             pass
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
 
     def verify(self, src: LayerSource, what: str) -> None:
         got = self.tar.hexdigest()
@@ -438,6 +532,62 @@ class LayerStream:
             got = self.raw.hexdigest()
             if got != src.blob_digest:
                 raise DigestMismatch(f"{what}: blob", src.blob_digest, got)
+
+
+class _ReadAhead:
+    """Runs read() on a thread and hands blocks over through a bounded queue."""
+
+    DEPTH = 8  # blocks of READ_SIZE: bounds memory to a few MiB
+
+    def __init__(self, read):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._eof = False
+        self._t = threading.Thread(target=self._run, args=(read,), name="layerdb-read", daemon=True)
+        self._t.start()
+
+    def _run(self, read) -> None:
+        try:
+            while not self._stop.is_set():
+                b = read(READ_SIZE)
+                self._put(b)
+                if not b:
+                    return
+        except BaseException as e:  # handed to the reading thread, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = READ_SIZE) -> bytes:
+        if not self._buf:
+            if self._eof:
+                return b""
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self._buf = item
+        b, self._buf = self._buf[:n], self._buf[n:]
+        return b
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
 
 
 class _Prefixed:

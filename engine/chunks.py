@@ -7,8 +7,9 @@ events, views and indexes stay in SQLite.
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import zstandard
 
@@ -60,9 +61,9 @@ def decode(codec: int, data: bytes, size: int) -> bytes:
 
 class ChunkStore(Protocol):
     def has(self, sha: bytes) -> bool: ...
-    def put(self, sha: bytes, raw: bytes, encoded: tuple[int, bytes] | None = None) -> bool: ...
+    def put(self, sha: bytes, raw: bytes) -> bool: ...
+    def put_encoded(self, sha: bytes, raw_size: int, encoded: tuple[int, bytes]) -> bool: ...
     def get(self, sha: bytes) -> bytes: ...
-    def get_many(self, shas: Iterable[bytes]) -> Iterable[bytes]: ...
     def delete(self, sha: bytes) -> None: ...
 
 
@@ -75,26 +76,31 @@ class SqliteChunkStore:
     def has(self, sha: bytes) -> bool:
         return self.conn.execute("SELECT 1 FROM chunk WHERE sha256 = ?", (sha,)).fetchone() is not None
 
-    def put(self, sha: bytes, raw: bytes, encoded: tuple[int, bytes] | None = None) -> bool:
+    def put(self, sha: bytes, raw: bytes) -> bool:
         """Store a chunk unless present; True when it was new."""
         if self.has(sha):
             return False
-        codec, data = encoded or encode(raw)
-        self.conn.execute(
-            "INSERT INTO chunk(sha256, size, codec, data) VALUES (?, ?, ?, ?)", (sha, len(raw), codec, data)
+        return self.put_encoded(sha, len(raw), encode(raw))
+
+    def put_encoded(self, sha: bytes, raw_size: int, encoded: tuple[int, bytes]) -> bool:
+        codec, data = encoded
+        cur = self.conn.execute(
+            "INSERT INTO chunk(sha256, size, codec, data) VALUES (?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING"
+            " RETURNING id",
+            (sha, raw_size, codec, data),
         )
-        return True
+        return cur.fetchone() is not None
 
     def get(self, sha: bytes) -> bytes:
         row = self.conn.execute("SELECT size, codec, data FROM chunk WHERE sha256 = ?", (sha,)).fetchone()
         if row is None:
             raise CorruptStore(f"chunk {sha.hex()} is missing")
         size, codec, data = row
-        return decode(codec, data, size)
-
-    def get_many(self, shas: Iterable[bytes]) -> Iterable[bytes]:
-        for sha in shas:
-            yield self.get(sha)
+        raw = decode(codec, data, size)
+        # Every read is checked: a damaged chunk is an error, never wrong bytes.
+        if hashlib.sha256(raw).digest() != sha:
+            raise CorruptStore(f"chunk {sha.hex()}: sha256 mismatch (the store is damaged)")
+        return raw
 
     def delete(self, sha: bytes) -> None:
         self.conn.execute("DELETE FROM chunk WHERE sha256 = ?", (sha,))

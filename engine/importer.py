@@ -118,10 +118,19 @@ class Importer:
             if tag is not None and len(images) != 1:
                 raise UsageError(f"--tag needs an archive with one image; {path} holds {len(images)}")
             verified: dict[str, DiffResult] = {}  # archive member -> its checked diff
-            with self.store.write():
-                for img in images:
-                    tags = [tag] if tag is not None else img.repo_tags
-                    result.images.append(self._import_image(arc, img, tags, verified, result))
+            self.content.reset()
+            try:
+                with self.store.write():
+                    # Blob rows of a pack are written when the pack is, after the
+                    # events that name them: check references at commit instead.
+                    self.store.execute("PRAGMA defer_foreign_keys = ON")
+                    for img in images:
+                        tags = [tag] if tag is not None else img.repo_tags
+                        result.images.append(self._import_image(arc, img, tags, verified, result))
+                    self.content.flush()
+            except BaseException:
+                self.content.reset()
+                raise
         return result
 
     def _import_image(self, arc: Archive, img: ImageSource, tags: list[str], verified, result) -> dict:
@@ -198,13 +207,18 @@ class Importer:
     def _import_layer(self, arc: Archive, src: LayerSource, what: str) -> DiffResult:
         f, size = arc.open_member(src.member, what)
         stream = LayerStream(f)
-        row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (src.diff_id,))
-        if row is not None:
-            # Stored already: only check that this archive's blob is what it claims.
-            stream.drain()
-            stream.verify(src, what)
-            return DiffResult(row[0], src.diff_id, new=False)
-        return self._ingest(stream, src, what, size)
+        try:
+            row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (src.diff_id,))
+            if row is not None:
+                # Stored already: only check that this archive's blob is what it claims.
+                stream.drain()
+                stream.verify(src, what)
+                return DiffResult(row[0], src.diff_id, new=False)
+            return self._ingest(stream, src, what, size)
+        except LayerFormatError as err:
+            raise LayerFormatError(f"{what}: {err.message}") from None
+        finally:
+            stream.close()
 
     def _ingest(self, stream: LayerStream, src: LayerSource, what: str, blob_size: int) -> DiffResult:
         diff_rowid = self.store.scalar(
@@ -212,7 +226,7 @@ class Importer:
             (src.diff_id, now()),
         )
         reader = TarReader(stream)
-        framing = self.content.writer()  # streamed: a big layer's headers never sit in memory
+        framing = self.content.writer("framing")  # streamed: a big layer's headers never sit in memory
         rows: list[tuple] = []
         present: set[bytes] = set()
         needed: set[bytes] = set()
@@ -223,59 +237,59 @@ class Importer:
             " target_id, devmajor, devminor, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         progress = self.progress
-        try:
-            for seq, e in enumerate(reader):
-                framing.write(encode_framing_record(e.framing))
-                path = normalize(e.name)
-                base = path.rsplit(b"/", 1)[-1]
-                blob_id = None
-                if e.type == "f":
-                    blob_id, _ = self.content.write(reader.payload(), e.size)
-                    file_bytes += e.size
-                if base.startswith(WH):
-                    parent = _parent(path)
-                    if base == OPQ:
-                        kind, target = OPAQUE, parent
-                    elif base.startswith(WH + WH):
-                        kind, target = IGNORED, path  # AUFS bookkeeping (.wh..wh.plnk): not a delete
-                    else:
-                        name = base[len(WH):]
-                        if not name:
-                            raise LayerFormatError(f"whiteout entry with an empty name: {e.name!r}")
-                        kind, target = WHITEOUT, (parent + b"/" + name if parent else name)
-                    needed.update(_ancestors(path))
-                    rows.append(
-                        (diff_rowid, kind, seq, self._pid(target), e.type, e.mode, e.uid, e.gid, e.mtime,
-                         e.size if e.type == "f" else None, blob_id, None, None, None, None, None)
-                    )
+        for seq, e in enumerate(reader):
+            framing.write(encode_framing_record(e.framing))
+            path = normalize(e.name)
+            base = path.rsplit(b"/", 1)[-1]
+            blob_id = None
+            if e.type == "f":
+                blob_id = self.content.add(reader.payload(), e.size)
+                file_bytes += e.size
+            aufs = WH + WH in path and any(p.startswith(WH + WH) for p in path.split(b"/")[:-1])
+            if base.startswith(WH) or aufs:
+                parent = _parent(path)
+                if base == OPQ and not aufs:
+                    kind, target = OPAQUE, parent
+                elif base.startswith(WH + WH) or aufs:
+                    # AUFS bookkeeping (.wh..wh.plnk and what lies below it), as
+                    # Docker skips it: not a delete, not a file.
+                    kind, target = IGNORED, path
                 else:
-                    if not path:
-                        if e.type != "d":
-                            raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
-                    present.add(path)
-                    needed.update(_ancestors(path))
-                    target_id = link = None
-                    if e.type == "h":
-                        tpath = normalize(e.linkname)
-                        if not tpath:
-                            raise LayerFormatError(f"hard link {e.name!r} points at the root")
-                        target_id = self._pid(tpath)
-                    elif e.type == "l":
-                        link = e.linkname
-                    xattrs = json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())}) if e.xattrs else None
-                    dev = e.type in ("c", "b")
-                    rows.append(
-                        (diff_rowid, PUT, seq, self._pid(path), e.type, e.mode, e.uid, e.gid, e.mtime,
-                         e.size if e.type == "f" else None, blob_id, link, target_id,
-                         e.devmajor if dev else None, e.devminor if dev else None, xattrs)
-                    )
-                if len(rows) >= BATCH:
-                    self.store.conn.executemany(ins, rows)
-                    rows.clear()
-                    if progress:
-                        progress("layer", stream.raw.count, blob_size)
-        except LayerFormatError as err:
-            raise LayerFormatError(f"{what}: {err.message}") from None
+                    name = base[len(WH):]
+                    if not name:
+                        raise LayerFormatError(f"whiteout entry with an empty name: {e.name!r}")
+                    kind, target = WHITEOUT, (parent + b"/" + name if parent else name)
+                needed.update(_ancestors(path))
+                rows.append(
+                    (diff_rowid, kind, seq, self._pid(target), e.type, e.mode, e.uid, e.gid, e.mtime,
+                     e.size if e.type == "f" else None, blob_id, None, None, None, None, None)
+                )
+            else:
+                if not path:
+                    if e.type != "d":
+                        raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
+                present.add(path)
+                needed.update(_ancestors(path))
+                target_id = link = None
+                if e.type == "h":
+                    tpath = normalize(e.linkname)
+                    if not tpath:
+                        raise LayerFormatError(f"hard link {e.name!r} points at the root")
+                    target_id = self._pid(tpath)
+                elif e.type == "l":
+                    link = e.linkname
+                xattrs = json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())}) if e.xattrs else None
+                dev = e.type in ("c", "b")
+                rows.append(
+                    (diff_rowid, PUT, seq, self._pid(path), e.type, e.mode, e.uid, e.gid, e.mtime,
+                     e.size if e.type == "f" else None, blob_id, link, target_id,
+                     e.devmajor if dev else None, e.devminor if dev else None, xattrs)
+                )
+            if len(rows) >= BATCH:
+                self.store.conn.executemany(ins, rows)
+                rows.clear()
+                if progress:
+                    progress("layer", stream.raw.count, blob_size)
         entries = seq + 1
         # Parents that the tar never names are implied directories (mkdir -p).
         implied = sorted(needed - present)
@@ -286,7 +300,8 @@ class Importer:
         framing.write(encode_framing_record(reader.trailer))
         stream.drain()
         stream.verify(src, what)
-        fb_id, _ = framing.close()
+        fb_id = framing.close()
+        self.content.end_packs()
         self.store.execute(
             "UPDATE diff SET tar_size = ?, file_bytes = ?, entries = ?, framing = ? WHERE id = ?",
             (stream.tar.count, file_bytes, entries, fb_id, diff_rowid),

@@ -54,12 +54,19 @@ def _nul_terminated(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
+def _fits(n: int, what: str) -> int:
+    # Sizes, ids and times are SQLite integers: 64-bit signed.
+    if not -(1 << 63) <= n < 1 << 63:
+        raise LayerFormatError(f"tar: {what} {n} does not fit in 64 bits")
+    return n
+
+
 def _number(field_: bytes, what: str) -> int:
     if field_ and field_[0] & 0x80:  # GNU base-256
         n = int.from_bytes(field_[1:], "big")
         if field_[0] == 0xFF:
             n -= 1 << (8 * (len(field_) - 1))
-        return n
+        return _fits(n, what)
     s = _nul_terminated(field_).strip(b" \0")
     if not s:
         return 0
@@ -181,6 +188,9 @@ class TarReader:
                     # A tar without end-of-archive blocks: accepted, like GNU tar does.
                     if pax or longname is not None or longlink is not None:
                         raise LayerFormatError("tar: unexpected end of data after an extension header")
+                    if not self.entries and not self._framing:
+                        # Even an empty tar has its end-of-archive blocks.
+                        raise LayerFormatError("tar: no data at all (truncated layer)")
                     self.trailer = b"".join(self._framing)
                     return
                 hdr = self._take(BLOCK)
@@ -222,6 +232,9 @@ class TarReader:
             elif size:
                 # Data behind a non-file header (allowed by the format, meaningless
                 # to a filesystem): keep it as framing so the rebuild is exact.
+                # Framing sits in memory, so bound it as extension headers are.
+                if size > MAX_EXTENSION:
+                    raise LayerFormatError(f"tar: {size} bytes of data behind the non-file entry {entry.name!r}")
                 self._framing.append(self._take(size + padded))
             entry.framing = b"".join(self._framing)
             self._framing = []
@@ -271,6 +284,8 @@ class TarReader:
             raise LayerFormatError(f"tar: unsupported entry type {typeflag!r} for {name!r}")
         if "size" in pax:
             size = _int_pax(pax["size"], "size")
+            if size < 0:  # the payload loop would never end
+                raise LayerFormatError(f"tar: negative PAX size for {name!r}")
         mtime = _number(hdr[136:148], "mtime")
         if "mtime" in pax:
             mtime = _int_pax(pax["mtime"], "mtime")
@@ -304,6 +319,7 @@ class TarReader:
 
 def _int_pax(v: bytes, what: str) -> int:
     try:
-        return math.floor(float(v)) if b"." in v else int(v)
+        n = math.floor(float(v)) if b"." in v else int(v)
     except (ValueError, OverflowError):
         raise LayerFormatError(f"tar: bad PAX {what} {v!r}") from None
+    return _fits(n, f"PAX {what}")

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Run every benchmark (issue 5's seven targets and issue 3's log/find) and print a summary.
+
+    sudo python3 bench/images.py                       # once: build the images (root)
+    LAYERDB=/path/to/layerdb python3 bench/run_all.py  # then: all targets, about 15 min
+    python3 bench/run_all.py --only import,memory --runs 5 --json > results.jsonl
+    python3 bench/run_all.py --markdown                # the README's results table
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_export  # noqa: E402
+import bench_import  # noqa: E402
+import bench_log_find  # noqa: E402
+import bench_lookup_depth  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_startup  # noqa: E402
+import bench_store_size  # noqa: E402
+import bench_subfile_dedup  # noqa: E402
+from common import Result, capture, fmt, layerdb_cmd, log, machine, parser, report  # noqa: E402
+
+BENCHES = {
+    "import": bench_import.run_bench,
+    "store_size": bench_store_size.run_bench,
+    "subfile_dedup": bench_subfile_dedup.run_bench,
+    "lookup_depth": bench_lookup_depth.run_bench,
+    "log_find": bench_log_find.run_bench,
+    "startup": bench_startup.run_bench,
+    "memory": bench_memory.run_bench,
+    "export": bench_export.run_bench,
+}
+
+
+def markdown(results: list[Result]) -> str:
+    lines = ["| target | layerdb | peer | ratio | limit | |", "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
+        lim = f"<= {r.limit:g}x" if r.limit is not None else "figure"
+        peer = f"{r.peer_name} {fmt(r.peer, r.unit)}"
+        lines.append(f"| {r.target} | {fmt(r.layerdb, r.unit)} | {peer} | {ratio} | {lim} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--only", help="comma-separated: " + ",".join(BENCHES))
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table for the README")
+    a = p.parse_args()
+    names = a.only.split(",") if a.only else list(BENCHES)
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        p.error(f"unknown bench: {', '.join(sorted(unknown))}")
+    m = machine()
+    try:
+        version = capture(layerdb_cmd() + ["--version"]).strip()
+    except Exception:  # an old layerdb without --version still gets benchmarked
+        version = "?"
+    head = {"date": _dt.date.today().isoformat(), "layerdb": version, "command": " ".join(layerdb_cmd()), **m}
+    if a.json:
+        print(json.dumps({"machine": head}))
+    else:
+        print(f"# {head['date']}  {version}  nproc={m['nproc']}  {m['cpu']}  RAM {m['ram_gib']} GiB")
+    results: list[Result] = []
+    failed = []
+    for n in names:
+        log(f"=== {n}")
+        try:
+            rs = BENCHES[n](a.runs)
+        except Exception:
+            # One crashing bench (a layerdb bug on a big image, say) must not hide the others.
+            failed.append(n)
+            traceback.print_exc()
+            rs = [Result(n, f"{n}: the bench failed (see the traceback on stderr)", None, "", None, None, failed=True)]
+        report(rs, a.json)
+        results.extend(rs)
+    if not a.json:
+        print("\n# summary")
+        for r in results:
+            ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
+            print(f"[{r.verdict:4}] {ratio:>8}  {r.target}")
+    if a.markdown:
+        print()
+        print(markdown(results))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Audit commands: diff, find, waste (log and history --changes live in main.py)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from . import render
+from .main import cli, json_option, open_db
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1048576', '20MB' (powers of 1000) or '20MiB' (powers of 1024), as dive takes them."""
+    from layerdb.engine.errors import UsageError
+
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 1048576, 20MB, 20MiB)")
+    base = 1024 if m.group(3) else 1000
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def change_line(r: dict) -> str:
+    """One A/C/D line like `docker diff`, with what changed for a C."""
+    line = f"{r['change']} {r['path']}"
+    if r["change"] == "C":
+        line += f"  ({r['what']}: {', '.join(r['fields'])})"
+    return line
+
+
+def json_rows(rows) -> None:
+    for r in rows:
+        render.json_line(r)
+
+
+def write_text(text: str) -> None:
+    # Paths and file contents may hold surrogate escapes: write their original bytes.
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+
+
+@cli.command("diff")
+@click.argument("ref1")
+@click.argument("ref2")
+@json_option
+@click.option("--stat", is_flag=True, help="Only a summary: counts per change kind and the bytes added and removed.")
+@click.pass_context
+def diff_cmd(ctx, ref1, ref2, as_json, stat):
+    """What changed from the view at REF1 to the view at REF2: A/C/D per path.
+
+    Content is compared by sha256; C lines say whether the content, only the
+    metadata (mode, owner, mtime, link target, xattrs) or the type changed.
+    Any two views compare, also of unrelated images.
+    """
+    from layerdb.engine import audit
+
+    rows = audit.diff(open_db(ctx), ref1, ref2)
+    if stat:
+        s = audit.diff_stat(rows)
+        if as_json:
+            render.json_line(s)
+        else:
+            click.echo(f"{s['added']} added, {s['changed']} changed ({s['content']} content, {s['metadata']} metadata, "
+                       f"{s['type']} type), {s['deleted']} deleted; file bytes +{render.size(s['bytes_added'])} "
+                       f"-{render.size(s['bytes_removed'])}")
+        return
+    if as_json:
+        return json_rows(rows)
+    for r in rows:
+        write_text(change_line(r) + "\n")
+
+
+@cli.command()
+@click.option("--name", metavar="GLOB", help="File name (last component), e.g. 'libssl.so*'. * ? [...] [!...].")
+@click.option("--path", metavar="GLOB", help="Absolute path, e.g. '/usr/lib/*'; * also matches /.")
+@click.option("--sha256", metavar="HEX", help="Content digest (at least 8 hex digits, a prefix is enough).")
+@click.option("--visible", is_flag=True, help="Only files still present, with this content, in the image's top view.")
+@json_option
+@click.pass_context
+def find(ctx, name, path, sha256, visible, as_json):
+    """Which images and layers hold matching files, searched through the indexes.
+
+    Without --visible the list includes files deleted or overwritten later: their
+    bytes still ship in the image.
+    """
+    from layerdb.engine import audit
+
+    rows = audit.find(open_db(ctx), name=name, path=path, sha256=sha256, visible_only=visible)
+    if as_json:
+        return json_rows(rows)
+    table = []
+    for r in rows:
+        image = (r["repo_tags"] or [(r["image"] or "<no image>")[7:19]])[0]
+        table.append([image, str(r["position"]), r["layer_id"][7:19], r["path"], r["type"],
+                      "" if r["size"] is None else str(r["size"]), (r["sha256"] or "")[:12],
+                      "yes" if r["visible"] else "no", render.trunc(r["created_by"] or "", 40)])
+    render.table(["IMAGE", "POS", "LAYER", "PATH", "TYPE", "SIZE", "SHA256", "VISIBLE", "CREATED BY"], table)
+
+
+@cli.command()
+@click.argument("image")
+@json_option
+@click.option("--ci", is_flag=True, help="Exit with code 1 when a threshold fails (like dive --ci).")
+@click.option("--lowest-efficiency", type=float, default=None, metavar="F",
+              help="With --ci: the lowest acceptable efficiency, 0..1 (default 0.9, as dive).")
+@click.option("--highest-wasted-bytes", metavar="SIZE", help="With --ci: the most wasted bytes allowed (e.g. 20MB).")
+@click.option("--limit", type=int, default=20, show_default=True, help="Wasted files listed in the table (0: all).")
+@click.pass_context
+def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, limit):
+    """Efficiency score and wasted bytes per layer (dive's analysis, from the event log).
+
+    Wasted bytes are file contents a layer ships that the image's top view does
+    not show: overwritten or deleted by a later layer (which is named).
+    """
+    from layerdb.engine import audit
+    from layerdb.engine.errors import UsageError
+
+    if not ci and (lowest_efficiency is not None or highest_wasted_bytes is not None):
+        raise UsageError("--lowest-efficiency and --highest-wasted-bytes need --ci")
+    highest = parse_size(highest_wasted_bytes) if highest_wasted_bytes is not None else None
+    lowest = lowest_efficiency if lowest_efficiency is not None else 0.9
+    report = audit.waste(open_db(ctx), image)
+    failures = audit.waste_failures(report, lowest, highest) if ci else []
+    if as_json:
+        render.json_line(report)
+    else:
+        _waste_table(report, limit)
+    if failures:
+        raise audit.WasteCheckFailed("waste check failed: " + "; ".join(failures))
+
+
+def _waste_table(report: dict, limit: int) -> None:
+    name = (report["repo_tags"] or [(report["image"] or "")[7:19]])[0]
+    click.echo(f"Image: {name}")
+    click.echo(f"Efficiency: {report['efficiency'] * 100:.4f} %")
+    click.echo(f"Wasted: {render.size(report['wasted_bytes'])} of {render.size(report['total_bytes'])} file bytes")
+    click.echo("")
+    render.table(["POS", "LAYER", "SIZE", "WASTED", "CREATED BY"], [
+        [str(li["position"]), li["layer_id"][7:19], render.size(li["size"]), render.size(li["wasted_bytes"]),
+         render.trunc(li["created_by"] or "", 60)] for li in report["layers"]])
+    files = report["files"] if limit <= 0 else report["files"][:limit]
+    if files:
+        click.echo("")
+        render.table(["SIZE", "PATH", "ADDED", "HOW", "BY"], [
+            [render.size(f["size"]), f["path"], f"{f['position']} {f['layer_id'][7:19]}", f["how"] or "",
+             f"{f['wasted_by']} {(f['wasted_by_layer_id'] or '')[7:19]}"] for f in files])
+        if len(files) < len(report["files"]):
+            click.echo(f"... and {len(report['files']) - len(files)} more (--limit 0 lists all)")
+
+
+# Rendering for `log` and `history --changes` (commands in main.py) -------------------
+
+def _op(r: dict) -> str:
+    return r["op"] + (f" ({r['via']})" if r["via"] else "")
+
+
+def render_log(rows: list[dict], all_images: bool) -> None:
+    headers = ["#", "POS", "LAYER", "OP", "TYPE", "MODE", "OWNER", "SIZE", "SHA256", "CREATED BY"]
+    if all_images:
+        headers = ["IMAGE"] + headers + ["SHARED WITH"]
+    table = []
+    for r in rows:
+        size = "" if r["size"] is None else str(r["size"])
+        owner = "" if r["uid"] is None else f"{r['uid']}:{r['gid']}"
+        row = [str(r["version"]), str(r["position"]), (r["layer_id"] or "")[7:19], _op(r), r["type"] or "",
+               r["mode"] or "", owner, size, (r["sha256"] or "")[:12], render.trunc(r["created_by"] or "", 50)]
+        if all_images:
+            row = [r["image"]] + row + [render.trunc(", ".join(r["shared_with"]), 40)]
+        table.append(row)
+    render.table(headers, table)
+
+
+def render_patches(rows: list[dict]) -> None:
+    """Like `git log -p`: a header per version, its history step, then the patch."""
+    for r in rows:
+        what = " ".join(x for x in (r["type"], r["mode"], None if r["uid"] is None else f"{r['uid']}:{r['gid']}",
+                                    None if r["size"] is None else f"{r['size']} bytes",
+                                    r["sha256"] and "sha256:" + r["sha256"]) if x)
+        write_text(f"version {r['version']} of {r['image']}: layer {(r['layer_id'] or '')[7:19]} "
+                   f"(position {r['position']}) {_op(r)}{'  ' + what if what else ''}\n\n"
+                   f"    {render.trunc(r['created_by'] or '', 200)}\n\n{r['patch']}")
+        write_text("\n")
+
+
+def render_changes(rows: list[dict], as_json: bool, no_trunc: bool) -> None:
+    if as_json:
+        return json_rows(rows)
+    last = None
+    for r in rows:
+        if r["position"] != last:
+            last = r["position"]
+            cb = r["created_by"] or ""
+            write_text(f"{'' if last == rows[0]['position'] else chr(10)}{r['layer_id'][7:19]}  position {last}  "
+                       f"{cb if no_trunc else render.trunc(cb, 60)}\n")
+        write_text("  " + change_line(r) + "\n")

@@ -1,0 +1,178 @@
+"""Removing images (`rm`) and reclaiming what nothing references (`gc`).
+
+Both run in one write transaction, so a crash at any point leaves the store as
+it was before or as it is after, never in between.  `rm` only drops images and
+tags; what they leave unreferenced stays (and stays readable by layer id, as
+git keeps unreachable commits) until `gc` deletes it, top-down:
+
+  layers   that no image's chain runs through
+  diffs    that no layer uses (their events go with them)
+  blobs    that no event and no diff's framing names
+  chunks   that no remaining blob names (through the chunk store's interface,
+           so a second backend is collected the same way)
+  paths    that no event names
+
+After the commit, `gc` folds the WAL into the file and VACUUMs when the
+deletes left free pages, so the file really shrinks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import structlog
+
+from . import refs
+from .chunks import ChunkStore
+from .errors import NotFound, UsageError
+from .importer import normalize_tag
+from .store import BUSY_TIMEOUT_MS, Store
+
+log = structlog.get_logger("layerdb.maint")
+
+# The final checkpoint waits for readers of older snapshots to finish; a
+# reader that stays longer leaves the rest of the WAL to a later checkpoint
+# rather than holding gc for the whole busy timeout.
+CHECKPOINT_WAIT_MS = 1000
+
+
+@dataclass
+class Removed:
+    image: str  # the image id
+    untagged: list[str]
+    deleted: bool  # False when only a tag went (the image has others)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def remove(store: Store, names: list[str]) -> list[Removed]:
+    """Remove images, all or none.
+
+    NAME[:TAG] of an image with several tags removes just that tag (like
+    `docker rmi`); the last tag, or an image id, removes the image with its
+    tags and history.  Layers stay until `gc`.
+    """
+    out = []
+    with store.write():
+        for name in names:
+            out.append(_remove_one(store, name))
+    return out
+
+
+def _remove_one(store: Store, name: str) -> Removed:
+    if not name or "~" in name:
+        raise UsageError(f"rm {name!r}: expected an image name or id, not a layer REF")
+    # refs' lookup knows tags, short names and id prefixes; a layer id is no image.
+    found = refs._find_image(store, name)
+    if found is None:
+        raise NotFound(f"no image matches {name!r} (see `layerdb images`)")
+    rowid, digest, _ = found
+    tags = refs.image_tags(store, rowid)
+    want = normalize_tag(name)
+    named = [t for t in tags if t == want or t.endswith("/" + want)]
+    if named and len(tags) > 1:
+        store.execute("DELETE FROM tag WHERE name = ?", (named[0],))
+        log.info("untag", image=digest, tag=named[0])
+        return Removed(digest, named[:1], deleted=False)
+    store.execute("DELETE FROM image WHERE id = ?", (rowid,))  # tags and history cascade
+    log.info("rm", image=digest, tags=tags)
+    return Removed(digest, tags, deleted=True)
+
+
+@dataclass
+class GcResult:
+    layers: int = 0
+    diffs: int = 0
+    events: int = 0
+    blobs: int = 0
+    chunks: int = 0
+    paths: int = 0
+    bytes_before: int = 0  # the store file plus its WAL
+    bytes_after: int = 0
+    vacuumed: bool = False
+    checkpointed: bool = False  # False: a reader kept part of the WAL (the file shrinks later)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Every layer on some image's chain.
+_LIVE_LAYERS = """
+WITH RECURSIVE live(id) AS (
+    SELECT top_layer FROM image WHERE top_layer IS NOT NULL
+    UNION
+    SELECT l.parent_id FROM layer l JOIN live ON l.id = live.id WHERE l.parent_id IS NOT NULL
+) SELECT id FROM live"""
+
+_DEAD_BLOBS = """
+SELECT b.id, b.chunk FROM blob b
+WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.blob_id = b.id)
+  AND b.id NOT IN (SELECT framing FROM diff WHERE framing IS NOT NULL)"""
+
+
+def collect(store: Store, chunks: ChunkStore) -> GcResult:
+    res = GcResult(bytes_before=_file_bytes(store))
+    x = store.execute
+    with store.write():
+        res.layers = _delete(store, f"DELETE FROM layer WHERE id NOT IN ({_LIVE_LAYERS})")
+        log.info("gc", step="layers", removed=res.layers)
+        dead_diffs = "SELECT id FROM diff WHERE id NOT IN (SELECT diff_id FROM layer)"
+        res.events = store.scalar(f"SELECT count(*) FROM event WHERE diff_id IN ({dead_diffs})")
+        res.diffs = _delete(store, f"DELETE FROM diff WHERE id IN ({dead_diffs})")  # events cascade
+        log.info("gc", step="diffs", removed=res.diffs, events=res.events)
+
+        x("CREATE TEMP TABLE gc_blob(id INTEGER PRIMARY KEY, chunk BLOB)")
+        x("CREATE TEMP TABLE gc_chunk(sha BLOB PRIMARY KEY) WITHOUT ROWID")
+        try:
+            x(f"INSERT INTO gc_blob {_DEAD_BLOBS}")
+            # Chunks that may die with these blobs: the packs holding small
+            # contents, and the pieces of large ones.
+            x("INSERT OR IGNORE INTO gc_chunk SELECT chunk FROM gc_blob WHERE chunk IS NOT NULL")
+            x("INSERT OR IGNORE INTO gc_chunk SELECT bc.chunk FROM blob_chunk bc JOIN gc_blob g ON g.id = bc.blob_id")
+            res.blobs = _delete(store, "DELETE FROM blob WHERE id IN (SELECT id FROM gc_blob)")  # blob_chunk cascades
+            x("DELETE FROM gc_chunk WHERE sha IN (SELECT chunk FROM blob WHERE chunk IS NOT NULL)"
+              " OR EXISTS (SELECT 1 FROM blob_chunk bc WHERE bc.chunk = gc_chunk.sha)")
+            for (sha,) in x("SELECT sha FROM gc_chunk"):
+                chunks.delete(sha)
+                res.chunks += 1
+        finally:
+            x("DROP TABLE temp.gc_blob")
+            x("DROP TABLE temp.gc_chunk")
+        log.info("gc", step="contents", blobs=res.blobs, chunks=res.chunks)
+
+        res.paths = _delete(store, "DELETE FROM path WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.path_id = path.id)"
+                                   " AND NOT EXISTS (SELECT 1 FROM event e WHERE e.target_id = path.id)")
+        log.info("gc", step="paths", removed=res.paths)
+    # VACUUM cannot run inside a transaction; it is atomic on its own.  It
+    # rewrites the whole file, so it runs only when the deletes freed pages.
+    if store.scalar("PRAGMA freelist_count"):
+        log.info("gc", step="vacuum")
+        x("VACUUM")
+        res.vacuumed = True
+    # Fold the WAL into the file and truncate it: the file shrinks only now.
+    store.conn.setbusytimeout(CHECKPOINT_WAIT_MS)
+    try:
+        busy = x("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    finally:
+        store.conn.setbusytimeout(BUSY_TIMEOUT_MS)
+    res.checkpointed = not busy
+    res.bytes_after = _file_bytes(store)
+    log.info("gc", step="done", bytes_before=res.bytes_before, bytes_after=res.bytes_after)
+    return res
+
+
+def _delete(store: Store, sql: str) -> int:
+    store.execute(sql)
+    return store.conn.changes()
+
+
+def _file_bytes(store: Store) -> int:
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(str(store.path) + suffix).st_size
+        except FileNotFoundError:
+            pass
+    return total
