@@ -69,7 +69,12 @@ CREATE TABLE diff (
     file_bytes  INTEGER NOT NULL,       -- regular-file payload bytes in it
     entries     INTEGER NOT NULL,       -- tar entries
     framing     INTEGER REFERENCES blob(id),  -- the tar minus file payloads (lossless rebuild)
-    imported    TEXT NOT NULL           -- ISO 8601 UTC
+    imported    TEXT NOT NULL,          -- ISO 8601 UTC
+    -- 1: a container's writable diff (diff_id 'container:<uuid>', no tar, no
+    -- framing).  Its events are a time-ordered log: they replay in seq order,
+    -- and a whiteout or opaque there removes what is present at that moment,
+    -- including the container's own earlier writes.
+    container   INTEGER NOT NULL DEFAULT 0
 );
 
 -- kind: 0 opaque, 1 whiteout, 2 implied parent directory, 3 put, 4 ignored
@@ -96,6 +101,7 @@ CREATE TABLE event (
     devmajor    INTEGER,
     devminor    INTEGER,
     xattrs      TEXT,                   -- JSON {name: hex value}, NULL when none
+    time        REAL,                   -- container writes: when (unix seconds); NULL for imported events
     PRIMARY KEY (diff_id, kind, seq)
 ) WITHOUT ROWID;
 -- Depth-free lookups: every event on a path, whatever chain it is in.
@@ -146,3 +152,17 @@ CREATE TABLE history (
     empty_layer INTEGER NOT NULL,
     PRIMARY KEY (image_id, idx)
 ) WITHOUT ROWID;
+
+-- Containers ------------------------------------------------------------------
+
+-- A writable layer on top of an image: its writes are the events of its own
+-- diff (diff.container = 1), appended in time order.
+CREATE TABLE container (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    image_id    INTEGER NOT NULL REFERENCES image(id),
+    layer_id    INTEGER REFERENCES layer(id),   -- the image's top layer (NULL: an image without diffs)
+    diff_id     INTEGER NOT NULL UNIQUE REFERENCES diff(id),
+    created     TEXT NOT NULL
+);
+CREATE INDEX container_by_image ON container(image_id);

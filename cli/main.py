@@ -57,24 +57,30 @@ class LayerdbGroup(click.Group):
 def _configure_logging(fmt: str, verbose: int) -> None:
     import logging
 
-    import structlog
+    from layerdb.engine import log
 
     level = logging.WARNING - 10 * min(verbose, 2)
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+
+    def setup() -> None:  # runs on the first log event that passes the level
+        import structlog
+
+        renderer: Any
+        if fmt == "json":
+            renderer = structlog.processors.JSONRenderer()
+        else:
+            renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+
+    log.configure(level, setup)
 
 
 @click.group(cls=LayerdbGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,6 +98,10 @@ def cli(ctx: click.Context, db: str | None, log_format: str, verbose: int) -> No
     audit a path's history across layers, and export views.
     """
     _configure_logging(log_format, verbose)
+    # Paths are bytes; names that are not UTF-8 go out as the bytes they are (like ls).
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     ctx.obj = {"db": db}
 
 

@@ -513,9 +513,20 @@ class LayerStream:
     def read(self, n: int = READ_SIZE) -> bytes:
         return self._ahead.read(n) if self._ahead else self.tar.read(n)
 
-    def drain(self) -> None:
-        while self.read(READ_SIZE):
-            pass
+    def drain(self, src: LayerSource | None = None, limit: int | None = None, what: str = "layer") -> None:
+        """Read to the end.  With a limit (the stored size of the diff this blob
+        claims to be), a longer stream is refused as soon as it is longer: a
+        decompression bomb posing as a known layer is never read whole."""
+        n = 0
+        while True:
+            b = self.read(READ_SIZE)
+            if not b:
+                break
+            n += len(b)
+            if limit is not None and n > limit:
+                self.close()
+                raise DigestMismatch(f"{what}: diff_id", src.diff_id if src else "?",
+                                     f"a stream longer than the {limit} bytes of that diff")
         self.close()
         while self.raw.read(READ_SIZE):  # bytes after the end of the compressed stream
             pass

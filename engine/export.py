@@ -192,6 +192,8 @@ def write_dir(view: View, content: ContentStore, target: str, allow_devices: boo
             w.meta(dfd, name, node)
     except OSError as e:
         raise LayerdbError(f"export to {target}: {e}") from None
+    except OverflowError as e:  # a uid, gid or time the host cannot represent
+        raise LayerdbError(f"export to {target}: {e}") from None
     finally:
         w.close()
     return n

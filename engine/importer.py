@@ -9,15 +9,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-import structlog
 
+from .log import get_logger
 from .archive import Archive, ImageSource, LayerSource, LayerStream
 from .content import ContentStore
 from .errors import LayerFormatError, UsageError
 from .store import Store
 from .tarstream import TarReader
 
-log = structlog.get_logger("layerdb.import")
+log = get_logger("layerdb.import")
 
 OPAQUE, WHITEOUT, IMPLIED, PUT, IGNORED = 0, 1, 2, 3, 4
 KIND_NAMES = {OPAQUE: "opaque", WHITEOUT: "whiteout", IMPLIED: "implied", PUT: "put", IGNORED: "ignored"}
@@ -208,10 +208,10 @@ class Importer:
         f, size = arc.open_member(src.member, what)
         stream = LayerStream(f)
         try:
-            row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (src.diff_id,))
+            row = self.store.one("SELECT id, tar_size FROM diff WHERE diff_id = ?", (src.diff_id,))
             if row is not None:
                 # Stored already: only check that this archive's blob is what it claims.
-                stream.drain()
+                stream.drain(src, limit=row[1], what=what)
                 stream.verify(src, what)
                 return DiffResult(row[0], src.diff_id, new=False)
             return self._ingest(stream, src, what, size)

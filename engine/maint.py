@@ -21,15 +21,15 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-import structlog
 
+from .log import get_logger
 from . import refs
 from .chunks import ChunkStore
 from .errors import NotFound, UsageError
 from .importer import normalize_tag
 from .store import BUSY_TIMEOUT_MS, Store
 
-log = structlog.get_logger("layerdb.maint")
+log = get_logger("layerdb.maint")
 
 # The final checkpoint waits for readers of older snapshots to finish; a
 # reader that stays longer leaves the rest of the WAL to a later checkpoint
@@ -123,23 +123,22 @@ def collect(store: Store, chunks: ChunkStore) -> GcResult:
         res.diffs = _delete(store, f"DELETE FROM diff WHERE id IN ({dead_diffs})")  # events cascade
         log.info("gc", step="diffs", removed=res.diffs, events=res.events)
 
+        # Temp tables are part of the transaction: a failure rolls them back too.
         x("CREATE TEMP TABLE gc_blob(id INTEGER PRIMARY KEY, chunk BLOB)")
         x("CREATE TEMP TABLE gc_chunk(sha BLOB PRIMARY KEY) WITHOUT ROWID")
-        try:
-            x(f"INSERT INTO gc_blob {_DEAD_BLOBS}")
-            # Chunks that may die with these blobs: the packs holding small
-            # contents, and the pieces of large ones.
-            x("INSERT OR IGNORE INTO gc_chunk SELECT chunk FROM gc_blob WHERE chunk IS NOT NULL")
-            x("INSERT OR IGNORE INTO gc_chunk SELECT bc.chunk FROM blob_chunk bc JOIN gc_blob g ON g.id = bc.blob_id")
-            res.blobs = _delete(store, "DELETE FROM blob WHERE id IN (SELECT id FROM gc_blob)")  # blob_chunk cascades
-            x("DELETE FROM gc_chunk WHERE sha IN (SELECT chunk FROM blob WHERE chunk IS NOT NULL)"
-              " OR EXISTS (SELECT 1 FROM blob_chunk bc WHERE bc.chunk = gc_chunk.sha)")
-            for (sha,) in x("SELECT sha FROM gc_chunk"):
-                chunks.delete(sha)
-                res.chunks += 1
-        finally:
-            x("DROP TABLE temp.gc_blob")
-            x("DROP TABLE temp.gc_chunk")
+        x(f"INSERT INTO gc_blob {_DEAD_BLOBS}")
+        # Chunks that may die with these blobs: the packs holding small
+        # contents, and the pieces of large ones.
+        x("INSERT OR IGNORE INTO gc_chunk SELECT chunk FROM gc_blob WHERE chunk IS NOT NULL")
+        x("INSERT OR IGNORE INTO gc_chunk SELECT bc.chunk FROM blob_chunk bc JOIN gc_blob g ON g.id = bc.blob_id")
+        res.blobs = _delete(store, "DELETE FROM blob WHERE id IN (SELECT id FROM gc_blob)")  # blob_chunk cascades
+        x("DELETE FROM gc_chunk WHERE sha IN (SELECT chunk FROM blob WHERE chunk IS NOT NULL)"
+          " OR EXISTS (SELECT 1 FROM blob_chunk bc WHERE bc.chunk = gc_chunk.sha)")
+        for (sha,) in x("SELECT sha FROM gc_chunk"):
+            chunks.delete(sha)
+            res.chunks += 1
+        x("DROP TABLE temp.gc_blob")
+        x("DROP TABLE temp.gc_chunk")
         log.info("gc", step="contents", blobs=res.blobs, chunks=res.chunks)
 
         res.paths = _delete(store, "DELETE FROM path WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.path_id = path.id)"
