@@ -118,21 +118,22 @@ at_option = click.option("--at", "ref", required=True, metavar="REF",
                          help="NAME[:TAG], image id, or layer id (prefix), optionally ~N layers down.")
 
 
-def _progress(label: str) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+def _progress(label: str, unit: str = "bytes") -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
     """A progress bar on stderr when it is a terminal (rich, imported only then)."""
     if not sys.stderr.isatty():
         return None, lambda: None
     try:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
     except ImportError:
         return None, lambda: None
-    p = Progress(TextColumn(label), BarColumn(), DownloadColumn(), transient=True,
-                 console=__import__("rich.console").console.Console(stderr=True))
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+    p = Progress(TextColumn("{task.description}"), BarColumn(), count, transient=True, console=Console(stderr=True))
     p.start()
     task = p.add_task(label, total=None)
 
     def update(kind: str, done: int, total: int) -> None:
-        p.update(task, completed=done, total=total or None)
+        p.update(task, description=f"{label} {kind}", completed=done, total=total or None)
 
     return update, p.stop
 
@@ -279,8 +280,8 @@ def export(ctx, ref, output, directory, allow_devices):
         if sys.stdout.isatty():
             raise UsageError("refusing to write a tar to a terminal: use -o FILE or -o -")
         output = "-"
-    update, stop = _progress("export")
-    prog = (lambda done, total: update("export", done, total)) if update else None
+    update, stop = _progress("export", unit="entries")
+    prog = (lambda done, total: update("entries", done, total)) if update else None
     try:
         if output == "-":
             db.export_tar(ref, sys.stdout.buffer, prog)

@@ -548,7 +548,7 @@ class LayerStream:
 class _ReadAhead:
     """Runs read() on a thread and hands blocks over through a bounded queue."""
 
-    DEPTH = 8  # blocks of READ_SIZE: bounds memory to a few MiB
+    DEPTH = 4  # blocks of READ_SIZE: bounds memory to a few MiB
 
     def __init__(self, read):
         import queue

@@ -29,7 +29,7 @@ SMALL = 256 << 10
 PACK_TARGET = 1 << 20
 CDC_MIN, CDC_AVG, CDC_MAX = 64 << 10, 256 << 10, 1 << 20
 # Compressed chunks waiting for their INSERT: bounds memory to about this many MiB.
-MAX_IN_FLIGHT = 8
+MAX_IN_FLIGHT = 4
 
 
 def _cdc():

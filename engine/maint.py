@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-
-from .log import get_logger
 from . import refs
 from .chunks import ChunkStore
 from .errors import NotFound, UsageError
 from .importer import normalize_tag
+from .log import get_logger
 from .store import BUSY_TIMEOUT_MS, Store
 
 log = get_logger("layerdb.maint")

@@ -23,7 +23,7 @@ SCHEMA_VERSION = 1
 #   instead of failing with "database is locked".  Imports of big images hold
 #   the write lock for seconds, so milliseconds would not do.
 # - foreign_keys: the schema's references are checked, not just documented.
-# - cache 32 MiB: large enough for the path and event indexes of big imports,
+# - cache 16 MiB: large enough for the path and event indexes of big imports,
 #   small enough for the 100 MiB peak-RSS budget.
 # - trusted_schema=OFF: a store file from elsewhere cannot run functions from
 #   views or triggers it carries.
@@ -31,7 +31,7 @@ BUSY_TIMEOUT_MS = 10_000
 PRAGMAS = (
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = FULL",
-    "PRAGMA cache_size = -32768",
+    "PRAGMA cache_size = -16384",
     "PRAGMA trusted_schema = OFF",
     "PRAGMA temp_store = FILE",
 )

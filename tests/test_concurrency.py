@@ -1,6 +1,6 @@
 """Readers and writers in separate processes on one store.
 
-Four reader processes loop over `view -R`, `cat`, `log` and `export` while a
+Four reader processes loop over `view -R`, `cat`, `log`, `find` and `export` while a
 writer process imports a 6-layer image.  The writer pauses inside its write
 transaction, after it has stored rows for its first new layer, until every
 reader has completed reads during that pause: so reads provably overlap a half
@@ -54,6 +54,7 @@ def tar_manifest(data: bytes, tmp: Path) -> list[str]:
 def reader(cfg: dict, me: int) -> None:
     """Loop until told to stop; write progress and every error to r<me>.json."""
     from layerdb.engine.api import LayerDB
+    from layerdb.engine.audit import find
     from layerdb.engine.errors import NotFound
 
     work = Path(cfg["work"])
@@ -73,6 +74,10 @@ def reader(cfg: dict, me: int) -> None:
         try:
             ids = sorted(i["id"] for i in db.images())
             state = {tuple(cfg["old_ids"]): "old", tuple(cfg["new_ids"]): "new"}.get(tuple(ids), f"other {ids}")
+            if "rows" in cfg:  # no layer, diff or image row of a half import is ever visible
+                with db.store.read():
+                    rows = [db.store.scalar(f"SELECT count(*) FROM {t}") for t in ("image", "layer", "diff")]
+                assert rows in cfg["rows"].values(), f"rows {rows}"
             listing = db.listing(OLD, "/", recursive=True)
             assert len(listing) == len(old_view), "view -R of the old image"
             data = b"".join(db.cat(OLD, "/srv/hello.txt"))
@@ -94,6 +99,9 @@ def reader(cfg: dict, me: int) -> None:
                     assert tar_manifest(buf.getvalue(), tmp) == new_view, "export of the new image"
                     got = b"".join(db.cat(NEW, "/etc/passwd"))
                     assert hashlib.sha256(got).hexdigest() == new_file["sha256"], "cat of the new image"
+                # Images only come in this test: what the list showed, find shows too.
+                found = {t for row in find(db, name="passwd") for t in row["repo_tags"]}
+                assert OLD in found and found <= {OLD, NEW} and (state == "old" or NEW in found), f"find: {found}"
         except Exception as e:  # every error is reported, none ends the loop
             st["errors"].append(f"{state}: {type(e).__name__}: {e}")
         st["iterations"] += 1
@@ -175,7 +183,9 @@ def image_ids(*names: str) -> list[str]:
 def test_four_readers_during_an_import_see_old_or_new_never_half(base, tmp_path):
     work = tmp_path
     cfg = {"db": str(base), "work": str(work), "archive": str(IMAGES / "sample.oci.tar"), "release": "readers-done",
-           "old_ids": image_ids("sample2"), "new_ids": image_ids("sample2", "sample")}
+           "old_ids": image_ids("sample2"), "new_ids": image_ids("sample2", "sample"),
+           # (images, layers, diffs): sample adds 5 layers on the bottom one it shares with sample2
+           "rows": {"old": [1, 3, 3], "new": [2, 8, 8]}}
     cfg_path = work / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     readers = [run_program("reader", cfg_path, str(i)) for i in range(READERS)]

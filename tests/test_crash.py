@@ -152,7 +152,7 @@ def test_import_killed_at_20_random_points(setup, tmp_path):
 
 
 def test_rm_killed_at_random_points(setup, tmp_path):
-    out = run_kills(setup, tmp_path, 6, "imported", "removed", ["rm", *MULTI_TAGS], max_events=2, max_delay=0.3)
+    out = run_kills(setup, tmp_path, 6, "imported", "removed", ["rm", *MULTI_TAGS], max_events=2, max_delay=0.005)
     print(f"rm kills (seed {SEED}): {out}")
 
 

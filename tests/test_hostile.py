@@ -340,12 +340,8 @@ def test_ids_out_of_linux_range_are_stored_and_exported_to_tar(store):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="export --dir sets owners only as root")
-def test_export_dir_with_ids_out_of_range_fails_cleanly_or_succeeds(store, tmp_path):
+def test_export_dir_with_ids_out_of_range_fails_with_one_error_line(store, tmp_path):
     import_ok(store, "uid-out-of-range")
-    from layerdb.engine.api import LayerDB
-
-    with LayerDB(store) as db:
-        try:
-            db.export_dir(TAG, str(tmp_path / "out"))
-        except LayerdbError:
-            pass
+    r = run_cli("export", "--at", TAG, "--dir", str(tmp_path / "out"), db_path=store)
+    line = one_error_line(r.exit_code, r.stdout, r.stderr)
+    assert line.startswith(f"layerdb: error: export to {tmp_path / 'out'}: "), line
