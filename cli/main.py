@@ -264,7 +264,7 @@ def cat(ctx, ref, path):
 @at_option
 @click.option("-o", "--output", metavar="FILE", help="Write the tar here ('-' for stdout).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Write the tree into this (new or empty) directory.")
-@click.option("--allow-devices", is_flag=True, help="With --dir: create device files.")
+@click.option("--allow-devices", is_flag=True, help="With --dir: create device files and fifos (refused by default).")
 @click.pass_context
 def export(ctx, ref, output, directory, allow_devices):
     """Export the whole view at REF as a tar, or into a directory."""

@@ -81,13 +81,23 @@ def trunc(s: str, n: int) -> str:
 
 
 def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
-    """Write to a temporary file beside path, then rename: no partial file on error."""
+    """Write a regular file through a temporary file and a rename: no partial
+    file on error.  Anything else that exists already (/dev/null, a fifo, a
+    terminal) is written in place: renaming over it would replace the device."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(path, "wb") as f:
+            write(f)
+        return
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".layerdb-", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, (st.st_mode & 0o7777) if st is not None else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -16,7 +16,7 @@ from .content import ContentStore
 from .errors import NotFound, UsageError
 from .export import write_dir, write_tar
 from .importer import Importer, ImportResult, Progress, normalize
-from .replay import Event, Node, View, chain_events, path_events
+from .replay import Event, Node, View, chain_events, path_events, replay_key
 from .store import Store, default_db_path
 
 TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "h": "hardlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
@@ -160,7 +160,7 @@ class LayerDB:
             ):
                 if lp not in wanted:
                     todo.append(lp)
-        events.sort(key=lambda ev: (ev.position, ev.kind, ev.seq))
+        events.sort(key=replay_key)
         return events
 
     def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
@@ -204,15 +204,16 @@ class LayerDB:
 
     # Export -----------------------------------------------------------------
 
+    # One read transaction around the replay and the reading of contents: a gc
+    # committing in between must not take contents the view still names.
+
     def export_tar(self, ref: str, out: BinaryIO, progress: Callable[[int, int], None] | None = None) -> int:
-        view = self.view(ref)
         with self.store.read():
-            return write_tar(view, self.content, out, progress)
+            return write_tar(self.view(ref), self.content, out, progress)
 
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
-        view = self.view(ref)
         with self.store.read():
-            return write_dir(view, self.content, target, allow_devices)
+            return write_dir(self.view(ref), self.content, target, allow_devices)
 
     def layer_tar(self, diff_id: str) -> Iterator[bytes]:
         """The original tar of a stored diff, byte for byte, as a stream."""

@@ -27,7 +27,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import LayerdbError, NotFound, UsageError
 from .importer import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events, diff_events
+from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events, diff_events, replay_key
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -189,7 +189,7 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> lis
         pending = []
     views = []
     for evs in events:
-        evs.sort(key=lambda ev: (ev.position, ev.kind, ev.seq))
+        evs.sort(key=replay_key)
         views.append(View().replay(evs))
     return views
 
@@ -197,7 +197,8 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> lis
 def _common_prefix(a: refs.Resolved, b: refs.Resolved) -> int:
     k = 0
     for x, y in zip(a.layers, b.layers):
-        if x.layer_rowid != y.layer_rowid:
+        # A container's writable top has no layer row (None): never shared.
+        if x.layer_rowid is None or x.layer_rowid != y.layer_rowid:
             break
         k += 1
     return k

@@ -16,8 +16,8 @@ _TILDE = re.compile(r"^(.*?)((?:~\d*)+)$")
 @dataclass
 class LayerInfo:
     position: int
-    layer_rowid: int
-    chain_id: str
+    layer_rowid: int | None  # None: a container's writable top, which is no layer row
+    chain_id: str  # for a container's top: its diff_id, 'container:<hex>'
     diff_rowid: int
     diff_id: str
 
@@ -31,6 +31,7 @@ class Resolved:
     image_rowid: int | None = None
     image_digest: str | None = None
     tags: list[str] = field(default_factory=list)
+    container: str | None = None  # the container's name, when REF is a container (its log is the top)
 
     @property
     def position(self) -> int:
@@ -45,6 +46,8 @@ class Resolved:
         return self.layers[-1].chain_id if self.layers else None
 
     def label(self) -> str:
+        if self.container:
+            return self.container
         if self.tags:
             return self.tags[0]
         if self.image_digest:
@@ -86,8 +89,14 @@ def resolve(store: Store, ref: str) -> Resolved:
     if not ref:
         raise UsageError("empty REF")
     base, down = _parse_tilde(ref)
-    image = _find_image(store, base)
-    if image is not None:
+    ctr = find_container(store, base)
+    if ctr is not None:
+        _check_unique(store, base, ctr)
+        name, diff_rowid, diff_id, rowid, digest, top = ctr
+        layers = chain_of(store, top) if top is not None else []
+        layers.append(LayerInfo(len(layers) + 1, None, diff_id, diff_rowid, diff_id))
+        res = Resolved(ref, layers, rowid, digest, image_tags(store, rowid), container=name)
+    elif (image := _find_image(store, base)) is not None:
         rowid, digest, top = image
         layers = chain_of(store, top) if top is not None else []
         res = Resolved(ref, layers, rowid, digest, image_tags(store, rowid))
@@ -109,7 +118,44 @@ def resolve(store: Store, ref: str) -> Resolved:
             raise NotFound(f"{ref}: {base} has {len(res.layers)} layer(s); ~{down} goes below the bottom")
         res.layers = res.layers[: len(res.layers) - down]
         res.tags = [] if res.image_rowid is None else res.tags
+        res.container = None
     return res
+
+
+CONTAINER_ID = "container:"
+_CONTAINER_ROW = (
+    "SELECT c.name, d.id, d.diff_id, i.id, i.digest, c.layer_id FROM container c"
+    " JOIN diff d ON d.id = c.diff_id JOIN image i ON i.id = c.image_id"
+)
+
+
+def find_container(store: Store, name: str):
+    """(name, diff rowid, diff_id, image rowid, image digest, top layer rowid) of the
+    container named `name`, or with that id ('container:<hex>', or a hex prefix of
+    at least MIN_PREFIX digits); None when there is none."""
+    row = store.one(_CONTAINER_ROW + " WHERE c.name = ?", (name,))
+    if row is not None:
+        return row
+    hex_ = name[len(CONTAINER_ID):] if name.startswith(CONTAINER_ID) else name
+    if len(hex_) < MIN_PREFIX or not _HEX.match(hex_) or hex_.startswith("sha256:"):
+        return None
+    prefix = CONTAINER_ID + hex_
+    rows = store.execute(_CONTAINER_ROW + " WHERE d.diff_id >= ? AND d.diff_id < ? ORDER BY d.diff_id LIMIT 11",
+                         (prefix, prefix + "g")).fetchall()
+    if len(rows) > 1:
+        raise AmbiguousRef(f"{name!r} is ambiguous: it matches containers {', '.join(r[0] for r in rows[:10])}")
+    return rows[0] if rows else None
+
+
+def _check_unique(store: Store, name: str, ctr) -> None:
+    """A container name or id that also names an image or a layer is ambiguous."""
+    try:
+        other = _find_image(store, name) is not None or _find_layer(store, name) is not None
+    except AmbiguousRef:
+        other = True
+    if other:
+        raise AmbiguousRef(f"{name!r} is ambiguous: it names container {ctr[0]} ({ctr[2]}) and an image or layer;"
+                           " use the image's NAME:TAG or the container's full id")
 
 
 def _find_image(store: Store, name: str):

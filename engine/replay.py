@@ -13,6 +13,11 @@ per layer, bottom up:
   4. puts, in tar order: a non-directory replaces whatever was there with its
      subtree; a directory over a directory changes only its attributes; a
      hard link shares its target's node and sets the shared metadata.
+
+A container's diff is a time-ordered log instead: its events (they carry a
+time) replay in seq order, so a whiteout there removes what is present at that
+moment, the container's own earlier writes included.  replay_key() is that
+order for events gathered from several diffs.
 """
 
 from __future__ import annotations
@@ -70,11 +75,17 @@ class Event:
     devmajor: int | None
     devminor: int | None
     xattrs: str | None
+    time: float | None = None  # set on container events only
+
+
+def replay_key(ev: Event) -> tuple[int, int, int]:
+    """Replay order: by position; within an imported diff by (kind, seq), within a container's log by seq."""
+    return ev.position, (ev.kind if ev.time is None else -1), ev.seq
 
 
 EVENT_COLUMNS = (
     "e.kind, e.seq, p.path, e.type, e.mode, e.uid, e.gid, e.mtime, e.size, e.blob_id, b.sha256, e.link, t.path,"
-    " e.devmajor, e.devminor, e.xattrs"
+    " e.devmajor, e.devminor, e.xattrs, e.time"
 )
 EVENT_JOINS = (
     "JOIN path p ON p.id = e.path_id LEFT JOIN path t ON t.id = e.target_id LEFT JOIN blob b ON b.id = e.blob_id"
@@ -82,9 +93,12 @@ EVENT_JOINS = (
 
 
 def diff_events(conn, diff_rowid: int, position: int) -> Iterator[Event]:
-    """Every event of one diff in replay order: the primary key order, no sort."""
+    """Every event of one diff in replay order: an imported diff's in primary
+    key order (no sort), a container's in log order."""
+    log = conn.execute("SELECT container FROM diff WHERE id = ?", (diff_rowid,)).fetchone()
+    order = "e.seq" if log and log[0] else "e.kind, e.seq"
     for r in conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.diff_id = ? ORDER BY e.kind, e.seq",
+        f"SELECT {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.diff_id = ? ORDER BY {order}",
         (diff_rowid,),
     ):
         yield Event(position, *r)
@@ -115,7 +129,7 @@ def path_events(conn, chain: list[tuple[int, int]], path_ids: Iterable[int]) -> 
     ):
         for pos in pos_of.get(r[0], ()):
             out.append(Event(pos, *r[1:]))
-    out.sort(key=lambda ev: (ev.position, ev.kind, ev.seq))
+    out.sort(key=replay_key)
     return out
 
 
@@ -242,4 +256,4 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "path_events", "diff_events", "IGNORED"]
+__all__ = ["View", "Node", "Event", "chain_events", "path_events", "diff_events", "replay_key", "IGNORED"]

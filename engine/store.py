@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -113,7 +114,7 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self._begin_immediate()
         self._depth = 1
         try:
             yield
@@ -123,6 +124,28 @@ class Store:
             raise
         self._depth = 0
         self.conn.execute("COMMIT")
+
+    def _begin_immediate(self) -> None:
+        """Take the write lock, waiting as long as another writer holds it.
+
+        A second `import` waits for the first one to finish, however long that
+        takes (up to $LAYERDB_LOCK_TIMEOUT seconds, default one hour), instead
+        of failing after the busy timeout.
+        """
+        deadline = time.monotonic() + float(os.environ.get("LAYERDB_LOCK_TIMEOUT", "3600"))
+        waited = False
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except apsw.BusyError:
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"{self.path}: another layerdb process is still writing; gave up waiting") from None
+                if not waited:
+                    from .log import get_logger
+
+                    get_logger("layerdb.store").warning("waiting for another writer", store=str(self.path))
+                    waited = True
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:

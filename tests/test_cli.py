@@ -154,3 +154,11 @@ def test_cli_runs_as_a_module_and_fails_cleanly(tmp_path):
                         "missing:1", "/etc/passwd"], capture_output=True, text=True)
     assert p.returncode == 5
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_export_to_dev_null_keeps_the_device(store):
+    import os
+    import stat
+
+    assert run_cli("export", "--at", "sample:1.0", "-o", os.devnull, db_path=store).exit_code == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
