@@ -61,7 +61,8 @@ class Store:
             self.conn = apsw.Connection(str(self.path))
         except (OSError, apsw.CantOpenError) as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from None
-        self.conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        self.lock_timeout = float(os.environ.get("LAYERDB_LOCK_TIMEOUT", "3600"))
+        self.conn.setbusytimeout(int(min(BUSY_TIMEOUT_MS, self.lock_timeout * 1000)))
         self._depth = 0
         try:
             self._setup()
@@ -132,7 +133,7 @@ class Store:
         takes (up to $LAYERDB_LOCK_TIMEOUT seconds, default one hour), instead
         of failing after the busy timeout.
         """
-        deadline = time.monotonic() + float(os.environ.get("LAYERDB_LOCK_TIMEOUT", "3600"))
+        deadline = time.monotonic() + self.lock_timeout
         waited = False
         while True:
             try:

@@ -71,3 +71,54 @@ def test_write_rolls_back_on_error(tmp_path):
                 s.intern_path(b"a/b")
                 raise RuntimeError("boom")
         assert s.scalar("SELECT count(*) FROM path") == 0
+
+
+def test_second_writer_waits_then_gives_up_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_FIXTURES
+
+    p = tmp_path / "s.sqlite"
+    Store(p).close()
+    holder = apsw.Connection(str(p))
+    holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    try:
+        env = dict(os.environ, LAYERDB_LOCK_TIMEOUT="1.5")
+        t = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "layerdb.cli", "--db", str(p), "import",
+                            str(REPO_FIXTURES / "images" / "opaque.oci.tar")], capture_output=True, text=True, env=env)
+        waited = time.monotonic() - t
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.returncode == StoreError.exit_code
+    assert r.stderr.splitlines()[-1].startswith("layerdb: error: ") and "another layerdb process" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert waited >= 1.5
+    with Store(p) as s:
+        assert s.scalar("SELECT count(*) FROM image") == 0
+
+
+def test_second_writer_waits_for_the_first(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import REPO_FIXTURES
+
+    p = tmp_path / "s.sqlite"
+    Store(p).close()
+    holder = apsw.Connection(str(p))
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(2.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    r = subprocess.run([sys.executable, "-m", "layerdb.cli", "--db", str(p), "import",
+                        str(REPO_FIXTURES / "images" / "opaque.oci.tar")], capture_output=True, text=True)
+    release.join()
+    holder.close()
+    assert r.returncode == 0, r.stderr
+    with Store(p) as s:
+        assert s.scalar("SELECT count(*) FROM image") == 1
