@@ -7,8 +7,8 @@ that its archive is /dev/null and then does not read file contents at all
 (`tar -cf /dev/null` only walks and stats the tree).  So the table shows
   - `tar -cf /dev/null DIR`, the target as the issue words it, and
   - `tar -cf - DIR | cat >/dev/null`, which reads and writes every byte, as export does.
-layerdb's own `-o /dev/null` is not used: see the README (it replaces /dev/null
-with a regular file when run as root).
+layerdb writes with `-o -` into /dev/null, the same bytes as `-o /dev/null`: layerdb
+before dcc7c9b renamed a temporary file over /dev/null when run as root.
 """
 
 from __future__ import annotations

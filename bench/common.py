@@ -8,6 +8,7 @@ peer that needs `zstandard` (the zstd floor) is skipped when it is missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,14 +50,19 @@ def rmtree(path: Path) -> None:
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            mnt = line.split()[1].replace("\\040", " ")
-            if mnt == real or mnt.startswith(real + "/"):
-                raise RuntimeError(f"refusing to delete {path}: {mnt} is mounted below it")
+    mounts = mounted_below(path)
+    if mounts:
+        raise RuntimeError(f"refusing to delete {path}: {mounts[0]} is mounted below it")
     subprocess.run(["chmod", "-R", "u+w", str(path)], check=False, stderr=subprocess.DEVNULL)
     shutil.rmtree(path)
+
+
+def mounted_below(path: Path) -> list[str]:
+    """Mount points at or below path."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        mnts = [line.split()[1].replace("\\040", " ") for line in f]
+    return [m for m in mnts if m == real or m.startswith(real + "/")]
 
 
 def layerdb_cmd() -> list[str]:
@@ -180,7 +186,7 @@ def store_size(db: Path) -> int:
 
 
 def du(path: Path) -> int:
-    """Allocated bytes below path (du -sb counts apparent sizes; this counts files' bytes)."""
+    """Bytes of the files below path (apparent sizes, like `du -sb` without directories)."""
     total = 0
     for dirpath, dirnames, filenames in os.walk(path):
         for n in filenames:
@@ -328,3 +334,18 @@ def layerdb_stats(db: Path) -> dict | None:
         return json.loads(r.stdout.splitlines()[0])
     except (ValueError, IndexError):
         return None
+
+
+def code_fingerprint() -> str:
+    """git HEAD plus a hash of the engine and CLI sources as they are on disk: the
+    figures belong to this code, committed or not."""
+    h = hashlib.sha256()
+    for sub in ("engine", "cli"):
+        for p in sorted((REPO / sub).rglob("*")):
+            if p.suffix in (".py", ".sql") and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes())
+    try:
+        head = capture(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]).strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        head = "?"
+    return f"{head}+src:{h.hexdigest()[:12]}"

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, cache_dir, log, rmtree  # noqa: E402
+from common import MiB, cache_dir, log, mounted_below, rmtree  # noqa: E402
 
 MIRROR = os.environ.get("LAYERDB_BENCH_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
@@ -372,12 +373,6 @@ def saved_layers(slug: str) -> list[Path]:
 # Building stages ------------------------------------------------------------------
 
 
-def _mounted_below(path: Path) -> list[str]:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return [m for m in (line.split()[1] for line in f) if m == real or m.startswith(real + "/")]
-
-
 def _chroot(root: Path, script: str) -> None:
     """Run a shell script in the tree with /proc, /dev and the host's DNS; leave no trace of them."""
     resolv = root / "etc/resolv.conf"
@@ -402,7 +397,7 @@ def _chroot(root: Path, script: str) -> None:
         resolv.unlink()
         if saved is not None:
             resolv.write_bytes(saved)
-    left = _mounted_below(root)
+    left = mounted_below(root)
     if left:
         raise RuntimeError(f"still mounted below {root}: {left}")
 
@@ -411,7 +406,7 @@ def _debootstrap() -> Path:
     d = cache_dir() / "debootstrap"
     if (cache_dir() / "debootstrap.done").exists():
         return d
-    if not shutil_which("debootstrap"):
+    if not shutil.which("debootstrap"):
         subprocess.run(["apt-get", "install", "-y", "debootstrap"], check=True)
     rmtree(d)
     log(f"debootstrap --variant=minbase {SUITE} from {MIRROR} (about a minute)")
@@ -419,12 +414,6 @@ def _debootstrap() -> Path:
                    stdout=subprocess.DEVNULL)
     (cache_dir() / "debootstrap.done").write_text("")
     return d
-
-
-def shutil_which(tool: str) -> str | None:
-    import shutil
-
-    return shutil.which(tool)
 
 
 DOCKER_CLEAN = """\
@@ -762,7 +751,7 @@ def _need_root() -> None:
         sys.exit("bench/images.py: building images needs root (debootstrap, chroot, mount); "
                  "run `sudo python3 bench/images.py` once, then the benches reuse the cache")
     for tool, pkg in (("skopeo", "skopeo"), ("umoci", "umoci"), ("debootstrap", "debootstrap")):
-        if not shutil_which(tool):
+        if not shutil.which(tool):
             subprocess.run(["apt-get", "install", "-y", pkg], check=True)
 
 
@@ -788,13 +777,33 @@ def unpacked_size(slug: str) -> int:
     return total
 
 
+def verify() -> bool:
+    """tests/tree_manifest.py of the stage tree == of the `umoci unpack` of the image."""
+    tool = Path(__file__).resolve().parent.parent / "tests" / "tree_manifest.py"
+    ok = True
+    for slug, img in IMAGES.items():
+        if not oci_archive(slug).exists():
+            continue
+        want = subprocess.run([sys.executable, str(tool), str(stage_dir(img.layers[-1]))],
+                              check=True, capture_output=True).stdout
+        got = subprocess.run([sys.executable, str(tool), str(unpacked(slug))], check=True, capture_output=True).stdout
+        same = want == got
+        ok &= same
+        print(f"{'ok  ' if same else 'DIFF'} {img.name}: {len(want.splitlines())} entries")
+    return ok
+
+
 def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description="Build and cache the benchmark images.")
     p.add_argument("--only", choices=GROUPS, action="append", help="build only this group (repeatable)")
     p.add_argument("--list", action="store_true", help="list the cached images and their sizes")
+    p.add_argument("--verify", action="store_true",
+                   help="check that umoci rebuilds each image's top view exactly as the tree its layers came from")
     a = p.parse_args()
+    if a.verify:
+        sys.exit(0 if verify() else 1)
     if a.list:
         for slug, img in IMAGES.items():
             oci = oci_archive(slug)

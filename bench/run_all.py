@@ -24,7 +24,7 @@ import bench_memory  # noqa: E402
 import bench_startup  # noqa: E402
 import bench_store_size  # noqa: E402
 import bench_subfile_dedup  # noqa: E402
-from common import Result, capture, fmt, layerdb_cmd, log, machine, parser, report  # noqa: E402
+from common import Result, capture, code_fingerprint, fmt, layerdb_cmd, log, machine, parser, report  # noqa: E402
 
 BENCHES = {
     "import": bench_import.run_bench,
@@ -44,7 +44,8 @@ def markdown(results: list[Result]) -> str:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
         lim = f"<= {r.limit:g}x" if r.limit is not None else "figure"
         peer = f"{r.peer_name} {fmt(r.peer, r.unit)}"
-        lines.append(f"| {r.target} | {fmt(r.layerdb, r.unit)} | {peer} | {ratio} | {lim} | {r.verdict} |")
+        cells = [r.target, fmt(r.layerdb, r.unit), peer, ratio, lim, r.verdict]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -62,11 +63,13 @@ def main() -> None:
         version = capture(layerdb_cmd() + ["--version"]).strip()
     except Exception:  # an old layerdb without --version still gets benchmarked
         version = "?"
-    head = {"date": _dt.date.today().isoformat(), "layerdb": version, "command": " ".join(layerdb_cmd()), **m}
+    code = code_fingerprint()
+    head = {"date": _dt.date.today().isoformat(), "layerdb": version, "code": code,
+            "command": " ".join(layerdb_cmd()), **m}
     if a.json:
         print(json.dumps({"machine": head}))
     else:
-        print(f"# {head['date']}  {version}  nproc={m['nproc']}  {m['cpu']}  RAM {m['ram_gib']} GiB")
+        print(f"# {head['date']}  {version}  code {code}  nproc={m['nproc']}  {m['cpu']}  RAM {m['ram_gib']} GiB")
     results: list[Result] = []
     failed = []
     for n in names:
@@ -80,6 +83,13 @@ def main() -> None:
             rs = [Result(n, f"{n}: the bench failed (see the traceback on stderr)", None, "", None, None, failed=True)]
         report(rs, a.json)
         results.extend(rs)
+    if code_fingerprint() != code:
+        msg = f"the engine or CLI sources changed during the run (was {code}, now {code_fingerprint()})"
+        log("warning: " + msg)
+        if a.json:
+            print(json.dumps({"warning": msg}))
+        else:
+            print(f"# warning: {msg}")
     if not a.json:
         print("\n# summary")
         for r in results:

@@ -331,6 +331,7 @@ def main(argv: Iterable[str] | None = None) -> None:
 from . import store_cmds as _store_cmds  # noqa: E402,F401  registers save, fsck, stats
 from . import maint_cmds as _maint_cmds  # noqa: E402,F401  registers rm, gc
 from . import audit as _audit  # noqa: E402,F401  registers diff, find, waste
+from . import container_cmds as _container_cmds  # noqa: E402,F401  registers container, cp, commit, mount, umount
 
 if __name__ == "__main__":
     main()

@@ -305,6 +305,86 @@ class LayerDB:
 
         return collect(self.store, self.chunks)
 
+    # Containers (engine/container.py): every write is an event of the container's log ------
+
+    def container(self, name: str):
+        """A handle on a container (cached: its view is kept and caught up, not replayed per call)."""
+        from .container import Container
+
+        handles = self.__dict__.setdefault("_containers", {})
+        h = Container(self.store, self.content, name)
+        return handles.setdefault(h.diff_rowid, h)
+
+    def container_create(self, image: str, name: str | None = None) -> dict:
+        from . import container
+
+        return container.create(self.store, image, name)
+
+    def containers(self) -> list[dict]:
+        from . import container
+
+        return container.listing(self.store)
+
+    def container_rm(self, name: str) -> dict:
+        from . import container
+
+        return container.remove(self.store, name)
+
+    def container_diff(self, name: str) -> list[dict]:
+        """`docker diff`: A/C/D from the container's image to the container."""
+        from . import audit, container
+
+        c = self.container(name)
+        return container.docker_changes(audit.diff(self, c.image_digest, c.diff_id))
+
+    def container_apply(self, name: str, directory: str) -> int:
+        return self.container(name).apply_dir(directory)
+
+    def write_file(self, container: str, path, data, mode=None, uid=None, gid=None, mtime=None) -> bytes:
+        return self.container(container).write_file(path, data, mode, uid, gid, mtime)
+
+    def append_file(self, container: str, path, data) -> bytes:
+        return self.container(container).append_file(path, data)
+
+    def mkdir(self, container: str, path, mode=0o755, uid=0, gid=0, parents=False) -> bytes:
+        return self.container(container).mkdir(path, mode, uid, gid, parents=parents)
+
+    def symlink(self, container: str, path, target, uid=0, gid=0) -> bytes:
+        return self.container(container).symlink(path, target, uid, gid)
+
+    def link(self, container: str, path, target) -> bytes:
+        return self.container(container).link(path, target)
+
+    def remove_path(self, container: str, path, recursive=False) -> bytes:
+        return self.container(container).remove(path, recursive)
+
+    def rename(self, container: str, src, dst) -> bytes:
+        return self.container(container).rename(src, dst)
+
+    def chmod(self, container: str, path, mode) -> bytes:
+        return self.container(container).chmod(path, mode)
+
+    def chown(self, container: str, path, uid=None, gid=None) -> bytes:
+        return self.container(container).chown(path, uid, gid)
+
+    def utime(self, container: str, path, mtime) -> bytes:
+        return self.container(container).utime(path, mtime)
+
+    def copy_in(self, source: str, container: str, dest, archive=False) -> bytes:
+        return self.container(container).copy_in(source, dest, archive)
+
+    def copy_out(self, container: str, path, target: str) -> str:
+        return self.container(container).copy_out(path, target)
+
+    def commit(self, container: str, tag: str | None, message: str | None = None, changes=()) -> dict:
+        return self.container(container).commit(tag, message, changes)
+
+    def mount(self, target: str, mountpoint: str, writable: bool) -> None:
+        """Serve REF (read-only) or a container (writable) over FUSE until unmounted."""
+        from . import fusefs
+
+        fusefs.mount(self, target, mountpoint, writable)
+
 
 def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:
     d = {

@@ -7,7 +7,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import BinaryIO, Callable
 
 
 from .log import get_logger
@@ -147,6 +147,10 @@ class Importer:
                 else:
                     result.reused_diffs += 1
             diffs.append(d)
+        return self.store_image(img.digest, img.config, cfg, diffs, tags)
+
+    def store_image(self, digest: str, config: bytes, cfg: dict, diffs: list[DiffResult], tags: list[str]) -> dict:
+        """Record an image whose diffs are stored: its chain's layers, config, history and tags."""
         cids = chain_ids([d.diff_id for d in diffs])
         parent = None
         for pos, (d, cid) in enumerate(zip(diffs, cids), start=1):
@@ -157,15 +161,15 @@ class Importer:
                     (cid, parent, d.diff_rowid, pos),
                 )
             parent = row[0]
-        image_row = self.store.one("SELECT id FROM image WHERE digest = ?", (img.digest,))
+        image_row = self.store.one("SELECT id FROM image WHERE digest = ?", (digest,))
         new_image = image_row is None
         if new_image:
             image_row = self.store.one(
                 "INSERT INTO image(digest, config, top_layer, created, os, architecture, imported)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
-                    img.digest,
-                    img.config,
+                    digest,
+                    config,
                     parent,
                     _str(cfg.get("created")),
                     _str(cfg.get("os")),
@@ -181,8 +185,8 @@ class Importer:
                 " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id",
                 (normalize_tag(t), image_id),
             )
-        log.info("image", id=img.digest, tags=tags, layers=len(diffs), new=new_image)
-        return {"id": img.digest, "repo_tags": tags, "layers": len(diffs), "new": new_image}
+        log.info("image", id=digest, tags=tags, layers=len(diffs), new=new_image)
+        return {"id": digest, "repo_tags": tags, "layers": len(diffs), "new": new_image}
 
     def _history(self, image_id: int, cfg: dict, n_layers: int) -> None:
         pos = 0
@@ -215,6 +219,20 @@ class Importer:
                 stream.verify(src, what)
                 return DiffResult(row[0], src.diff_id, new=False)
             return self._ingest(stream, src, what, size)
+        except LayerFormatError as err:
+            raise LayerFormatError(f"{what}: {err.message}") from None
+        finally:
+            stream.close()
+
+    def ingest_tar(self, f: BinaryIO, diff_id: str, what: str = "layer") -> DiffResult:
+        """A local layer tar (e.g. one `commit` wrote) as a diff, inside the caller's
+        write transaction; its sha256 must be diff_id.  A stored diff is reused."""
+        row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (diff_id,))
+        if row is not None:
+            return DiffResult(row[0], diff_id, new=False)
+        stream = LayerStream(f)
+        try:
+            return self._ingest(stream, LayerSource(what, None, diff_id), what, 0)
         except LayerFormatError as err:
             raise LayerFormatError(f"{what}: {err.message}") from None
         finally:

@@ -1,0 +1,1034 @@
+"""Containers: a writable layer on top of an image, whose writes are events.
+
+A container is a row in `container` and a diff of its own (diff.container = 1)
+whose events form a time-ordered log: every write appends PUT or WHITEOUT
+events stamped with their time, in a short transaction of its own, so a crash
+loses nothing that was acknowledged.  The container's view is the image's
+chain plus that log, replayed by the one replay engine (engine/replay.py,
+which replays a container's events in seq order).
+
+Writes are copy-on-write by construction: a modified file is put again in
+full (its unchanged chunks are shared by the content store), a removal is a
+whiteout, and nothing below the container ever changes.  Hard links stay hard
+links: a change to a file with several names puts it under one name and links
+every other name to it again, so all names show the change, as on a real
+file system.
+
+`commit` seals the net change between the image and the container into a
+deterministic OCI layer tar (sorted entries, `.wh.NAME` whiteouts,
+`.wh..wh..opq` for a directory that was removed and made again) and ingests it
+through the importer like any layer, then stores a new image config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shlex
+import stat
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
+
+from . import refs
+from .content import ContentStore
+from .errors import LayerdbError, NotFound, UsageError
+from .export import tarinfo
+from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
+from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events
+from .store import Store
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_SYMLINKS = 40  # as Linux: more links in one path is ELOOP
+WH = b".wh."
+OPQ = b".wh..wh..opq"
+READ_SIZE = 1 << 20
+ALL_KINDS = "(0, 1, 2, 3, 4)"  # lets the (diff_id, kind, seq) key serve `seq > ?` one kind at a time
+
+_INSERT = (
+    "INSERT INTO event(diff_id, kind, seq, path_id, type, mode, uid, gid, mtime, size, blob_id, link, target_id,"
+    " devmajor, devminor, xattrs, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class PathError(UsageError):
+    """a container path operation failed"""
+
+    def __init__(self, code: int, path: bytes, message: str | None = None):
+        self.errno = code
+        super().__init__(f"{show(path)}: {message or os.strerror(code)}")
+
+
+class NoSuchPath(NotFound):
+    """no such file or directory"""
+
+    errno = errno.ENOENT
+
+    def __init__(self, path: bytes, message: str | None = None):
+        super().__init__(f"{show(path)}: {message or 'no such file or directory'}")
+
+
+def show(path: bytes) -> str:
+    return "/" + path.decode("utf-8", "surrogateescape")
+
+
+def split(path: str | bytes) -> list[bytes]:
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    return [p for p in raw.split(b"/") if p and p != b"."]
+
+
+def parent(path: bytes) -> bytes:
+    i = path.rfind(b"/")
+    return path[:i] if i >= 0 else b""
+
+
+def join(base: bytes, name: bytes) -> bytes:
+    if not name:
+        return base
+    return base + b"/" + name if base else name
+
+
+def ancestors(path: bytes) -> Iterator[bytes]:
+    """Proper ancestors, nearest first, without the root."""
+    while True:
+        i = path.rfind(b"/")
+        if i < 0:
+            return
+        path = path[:i]
+        yield path
+
+
+def names_by_node(view: View) -> dict[int, list[bytes]]:
+    """Every name of each file with more than one (hard links), sorted; keyed by id(node)."""
+    by: dict[int, list[bytes]] = {}
+    for p, n in view.nodes.items():
+        if n.type != "d":
+            by.setdefault(id(n), []).append(p)
+    return {k: sorted(v) for k, v in by.items() if len(v) > 1}
+
+
+# Lifecycle ----------------------------------------------------------------------
+
+
+def create(store: Store, image: str, name: str | None = None) -> dict:
+    """A new, empty container on top of an image."""
+    hex_ = uuid.uuid4().hex
+    with store.write():
+        r = refs.resolve(store, image)
+        top = None if r.image_rowid is None else store.one(
+            "SELECT i.top_layer, l.chain_id FROM image i LEFT JOIN layer l ON l.id = i.top_layer WHERE i.id = ?",
+            (r.image_rowid,))
+        if r.container or top is None or r.chain_id != top[1]:
+            raise UsageError(f"{image}: not an image; a container starts from a whole image (see `layerdb images`)")
+        if name is None:
+            base = (r.tags[0] if r.tags else r.image_digest[7:]).rsplit("/", 1)[-1].split(":")[0]
+            name = f"{re.sub(r'[^A-Za-z0-9_.-]', '-', base)[:40]}-{hex_[:6]}"
+        _check_name(store, name)
+        diff = store.scalar(
+            "INSERT INTO diff(diff_id, tar_size, file_bytes, entries, framing, imported, container)"
+            " VALUES (?, 0, 0, 0, NULL, ?, 1) RETURNING id", (refs.CONTAINER_ID + hex_, now()))
+        created = now()
+        store.execute("INSERT INTO container(name, image_id, layer_id, diff_id, created) VALUES (?, ?, ?, ?, ?)",
+                      (name, r.image_rowid, top[0], diff, created))
+    return {"id": hex_, "name": name, "image": r.label(), "image_id": r.image_digest, "created": created}
+
+
+def _check_name(store: Store, name: str) -> None:
+    if not NAME_RE.match(name):
+        raise UsageError(f"container name {name!r}: use letters, digits and _ . - (starting with a letter or digit)")
+    if store.one("SELECT 1 FROM container WHERE name = ?", (name,)) is not None:
+        raise UsageError(f"a container named {name!r} exists already")
+    try:
+        taken = refs.resolve(store, name) is not None
+    except NotFound:
+        taken = False
+    if taken:
+        raise UsageError(f"container name {name!r} already names an image or layer: choose another")
+
+
+def listing(store: Store) -> list[dict]:
+    out = []
+    with store.read():
+        for name, diff_id, rowid, image_rowid, digest, created, events, last in store.execute(
+            """SELECT c.name, d.diff_id, d.id, i.id, i.digest, c.created,
+                      (SELECT count(*) FROM event e WHERE e.diff_id = d.id),
+                      (SELECT max(e.time) FROM event e WHERE e.diff_id = d.id)
+               FROM container c JOIN diff d ON d.id = c.diff_id JOIN image i ON i.id = c.image_id
+               ORDER BY c.created DESC, c.name"""
+        ):
+            tags = refs.image_tags(store, image_rowid)
+            out.append({"id": diff_id[len(refs.CONTAINER_ID):], "name": name, "image": tags[0] if tags else digest,
+                        "image_id": digest, "created": created, "events": events, "last_write": last})
+    return out
+
+
+def remove(store: Store, name: str) -> dict:
+    """Drop a container and its log; the contents it wrote stay until `gc`."""
+    with store.write():
+        row = refs.find_container(store, name)
+        if row is None:
+            raise NotFound(f"no container matches {name!r} (see `layerdb container ls`)")
+        cname, diff_rowid, diff_id = row[:3]
+        events = store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (diff_rowid,))
+        store.execute("DELETE FROM container WHERE diff_id = ?", (diff_rowid,))
+        store.execute("DELETE FROM diff WHERE id = ?", (diff_rowid,))  # its events cascade
+    return {"id": diff_id[len(refs.CONTAINER_ID):], "name": cname, "events": events}
+
+
+def docker_changes(rows: list[dict]) -> list[dict]:
+    """`diff` rows (image -> container) as `docker diff` reports them: a deleted
+    subtree by its top path only, and every directory holding a change as C."""
+    by_path = {r["path"]: r for r in rows}
+    out = [r for r in rows if not (r["change"] == "D" and by_path.get(_str_parent(r["path"]), {}).get("change") == "D")]
+    for r in list(out):
+        p = _str_parent(r["path"])
+        while p != "/" and p not in by_path:
+            by_path[p] = {"path": p, "change": "C", "what": "metadata", "fields": [], "type": "d", "size": None,
+                          "sha256": None}
+            out.append(by_path[p])
+            p = _str_parent(p)
+    out.sort(key=lambda r: r["path"].encode("utf-8", "surrogateescape"))
+    return out
+
+
+def _str_parent(p: str) -> str:
+    return p.rsplit("/", 1)[0] or "/"
+
+
+# Writing ------------------------------------------------------------------------
+
+
+class Container:
+    """A handle on one container: its current view and the operations that write it.
+
+    The view is the image's replay plus every event of the log up to last_seq;
+    before each read or write, events that other processes appended are
+    replayed too (the log is append-only, so catching up is exact).
+    """
+
+    def __init__(self, store: Store, content: ContentStore, name: str):
+        self.store = store
+        self.content = content
+        with store.read():
+            row = refs.find_container(store, name)
+            if row is None:
+                raise NotFound(f"no container matches {name!r} (see `layerdb container ls`)")
+            self.name, self.diff_rowid, self.diff_id, self.image_rowid, self.image_digest, top = row
+            self.base = refs.chain_of(store, top) if top is not None else []
+        self.position = len(self.base) + 1
+        self._view: View | None = None
+        self.last_seq = -1
+        self.version = 0  # bumped whenever the view changes
+
+    @property
+    def id(self) -> str:
+        return self.diff_id[len(refs.CONTAINER_ID):]
+
+    @property
+    def base_chain(self) -> list[tuple[int, int]]:
+        return [(li.position, li.diff_rowid) for li in self.base]
+
+    @property
+    def view(self) -> View:
+        """The view, brought up to date first."""
+        self.refresh()
+        return self.current
+
+    @property
+    def current(self) -> View:
+        """The view as last refreshed (no query: for callers that refresh on their own schedule)."""
+        if self._view is None:
+            self.refresh()
+        assert self._view is not None
+        return self._view
+
+    def base_view(self) -> View:
+        with self.store.read():
+            return View().replay(chain_events(self.store.conn, self.base_chain))
+
+    def refresh(self) -> None:
+        """Replay what the log gained since we last looked."""
+        with self.store.read():
+            if self._view is None:
+                self._view = View().replay(chain_events(self.store.conn, self.base_chain))
+            new = self.store.execute(
+                f"SELECT {EVENT_COLUMNS} FROM event e {EVENT_JOINS}"
+                f" WHERE e.diff_id = ? AND e.kind IN {ALL_KINDS} AND e.seq > ? ORDER BY e.seq",
+                (self.diff_rowid, self.last_seq)).fetchall()
+        for r in new:
+            ev = Event(self.position, *r)
+            self._view.apply(ev)
+            self.last_seq = ev.seq
+        if new:
+            self.version += 1
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[list[Event]]:
+        """One short write transaction: yields the list to append events to.
+
+        The view is brought up to date inside the transaction, so the checks
+        an operation makes against it hold when its events commit.
+        """
+        events: list[Event] = []
+        self.content.reset()  # another process may have allocated blob ids since our last write
+        try:
+            with self.store.write():
+                # Blob rows of a pack are written at flush, after the events naming them.
+                self.store.execute("PRAGMA defer_foreign_keys = ON")
+                if self.store.one("SELECT 1 FROM container WHERE diff_id = ?", (self.diff_rowid,)) is None:
+                    raise NotFound(f"container {self.name} was removed")
+                self.refresh()
+                yield events
+                t = time.time()
+                rows = []
+                for i, ev in enumerate(events, start=self.last_seq + 1):
+                    rows.append((self.diff_rowid, ev.kind, i, self.store.intern_path(ev.path), ev.type, ev.mode,
+                                 ev.uid, ev.gid, ev.mtime, ev.size, ev.blob_id, ev.link,
+                                 None if ev.target is None else self.store.intern_path(ev.target),
+                                 ev.devmajor, ev.devminor, ev.xattrs, t))
+                self.store.conn.executemany(_INSERT, rows)
+                self.content.flush()
+        except BaseException:
+            self.content.reset()
+            raise
+        self.refresh()
+
+    # Paths ----------------------------------------------------------------------
+
+    def walk(self, path: str | bytes, follow: bool) -> tuple[bytes, Node | None]:
+        """Resolve a path inside the container, as the kernel would in a chroot:
+        symlinks in every parent component are followed (absolute ones from the
+        container's root, `..` stops at the root), the last one only if follow.
+        Returns the canonical path and its node (None when only the last
+        component is missing)."""
+        view = self.current
+        todo = list(reversed(split(path)))
+        out: list[bytes] = []
+        links = 0
+        while todo:
+            name = todo.pop()
+            if name == b"..":
+                if out:
+                    out.pop()
+                continue
+            cand = b"/".join(out + [name])
+            node = view.get(cand)
+            if node is not None and node.type == "l" and (todo or follow):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise PathError(errno.ELOOP, cand)
+                target = node.link or b""
+                if target.startswith(b"/"):
+                    out = []
+                todo.extend(reversed(split(target)))
+                continue
+            if todo:
+                if node is None:
+                    raise NoSuchPath(cand)
+                if node.type != "d":
+                    raise PathError(errno.ENOTDIR, cand)
+            out.append(name)
+        p = b"/".join(out)
+        return p, view.get(p)
+
+    def _existing(self, path: str | bytes, follow: bool) -> tuple[bytes, Node]:
+        p, node = self.walk(path, follow)
+        if node is None:
+            raise NoSuchPath(p)
+        return p, node
+
+    def _new(self, path: str | bytes) -> bytes:
+        """The canonical path of an entry to create; it must not exist yet."""
+        p, node = self.walk(path, follow=False)
+        if not p:
+            raise PathError(errno.EEXIST, p)
+        if node is not None:
+            raise PathError(errno.EEXIST, p)
+        return p
+
+    # Event builders ---------------------------------------------------------
+
+    def _put(self, path: bytes, node: Node, **changes) -> Event:
+        ev = Event(self.position, PUT, 0, path, node.type, node.mode, node.uid, node.gid, node.mtime, node.size,
+                   node.blob_id, node.sha256, node.link, None, node.devmajor, node.devminor, node.xattrs)
+        for k, v in changes.items():
+            setattr(ev, k, v)
+        return ev
+
+    def _relinks(self, node: Node, path: bytes, ev: Event) -> list[Event]:
+        """Every other name of a changed file, linked again to its new version."""
+        if node.type == "d":
+            return []
+        out = []
+        for q, n in self._view.nodes.items():
+            if n is node and q != path:
+                out.append(Event(self.position, PUT, 0, q, "h", ev.mode, ev.uid, ev.gid, ev.mtime, None, None, None,
+                                 None, path, None, None, None))
+        out.sort(key=lambda e: e.path)
+        return out
+
+    def _store(self, data: bytes | BinaryIO | Iterable[bytes]) -> tuple[int, int]:
+        """Stream data into the content store: (blob id, size)."""
+        w = self.content.writer()
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            w.write(bytes(data))
+        elif hasattr(data, "read"):
+            while True:
+                b = data.read(READ_SIZE)  # type: ignore[union-attr]
+                if not b:
+                    break
+                w.write(b)
+        else:
+            for b in data:
+                w.write(b)
+        size = w.size
+        return w.close(), size
+
+    # Operations ---------------------------------------------------------------
+
+    def write_file(self, path: str | bytes, data: bytes | BinaryIO | Iterable[bytes], mode: int | None = None,
+                   uid: int | None = None, gid: int | None = None, mtime: int | None = None,
+                   follow: bool = True, append: bool = False) -> bytes:
+        """Create or replace a regular file (open(2) with O_CREAT: a symlink as the
+        last component is followed).  Replacing keeps the file's mode, owner and
+        other names unless given; append adds data after the current contents."""
+        with self._writing() as evs:
+            p, old = self.walk(path, follow)
+            if not p or (old is not None and old.type == "d"):
+                raise PathError(errno.EISDIR, p)
+            keep = old if old is not None and old.type == "f" else None
+            if append and keep is not None and keep.size:
+                data = _chain(self.content.iter_blob(keep.blob_id), data)
+            blob_id, size = self._store(data)
+            dmode, duid, dgid, xattrs = (keep.mode, keep.uid, keep.gid, keep.xattrs) if keep else (0o644, 0, 0, None)
+            ev = Event(self.position, PUT, 0, p, "f", (dmode if mode is None else mode) & 0o7777,
+                       duid if uid is None else uid, dgid if gid is None else gid,
+                       int(time.time()) if mtime is None else mtime, size, blob_id, None, None, None, None, None,
+                       xattrs)
+            evs.append(ev)
+            if keep is not None:
+                evs.extend(self._relinks(keep, p, ev))
+        return p
+
+    def append_file(self, path: str | bytes, data: bytes | BinaryIO | Iterable[bytes], **kw) -> bytes:
+        return self.write_file(path, data, append=True, **kw)
+
+    def mkdir(self, path: str | bytes, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int | None = None,
+              parents: bool = False) -> bytes:
+        mt = int(time.time()) if mtime is None else mtime
+        with self._writing() as evs:
+            if not parents:
+                p = self._new(path)
+                evs.append(self._dir_event(p, mode, uid, gid, mt))
+                return p
+            parts = split(path)
+            for i in range(1, len(parts) + 1):
+                p, node = self.walk(b"/".join(parts[:i]), follow=True)
+                if node is None:
+                    if b".." in parts[i:]:
+                        raise NoSuchPath(p)
+                    for q in [p] + [join(p, b"/".join(parts[i:j])) for j in range(i + 1, len(parts) + 1)]:
+                        evs.append(self._dir_event(q, mode, uid, gid, mt))
+                    return q
+                if node.type != "d":
+                    raise PathError(errno.ENOTDIR if i < len(parts) else errno.EEXIST, p)
+            return p
+
+    def _dir_event(self, p: bytes, mode: int, uid: int, gid: int, mtime: int) -> Event:
+        return Event(self.position, PUT, 0, p, "d", mode & 0o7777, uid, gid, mtime, None, None, None, None, None,
+                     None, None, None)
+
+    def symlink(self, path: str | bytes, target: str | bytes, uid: int = 0, gid: int = 0,
+                mtime: int | None = None) -> bytes:
+        link = target if isinstance(target, bytes) else os.fsencode(target)
+        if not link:
+            raise PathError(errno.ENOENT, b"", "a symlink needs a target")
+        with self._writing() as evs:
+            p = self._new(path)
+            evs.append(Event(self.position, PUT, 0, p, "l", 0o777, uid, gid,
+                             int(time.time()) if mtime is None else mtime, None, None, None, link, None, None, None,
+                             None))
+        return p
+
+    def link(self, path: str | bytes, target: str | bytes) -> bytes:
+        """A hard link: `path` becomes another name of the file `target` names."""
+        with self._writing() as evs:
+            tp, tnode = self._existing(target, follow=False)
+            if tnode.type == "d":
+                raise PathError(errno.EPERM, tp, "hard links to directories are not allowed")
+            p = self._new(path)
+            evs.append(Event(self.position, PUT, 0, p, "h", tnode.mode, tnode.uid, tnode.gid, tnode.mtime, None,
+                             None, None, None, tp, None, None, None))
+        return p
+
+    def mknod(self, path: str | bytes, type_: str, mode: int = 0o644, rdev: tuple[int, int] = (0, 0),
+              uid: int = 0, gid: int = 0, mtime: int | None = None) -> bytes:
+        if type_ not in ("p", "c", "b"):
+            raise UsageError(f"mknod: type {type_!r} is not p, c or b")
+        dev = type_ in ("c", "b")
+        with self._writing() as evs:
+            p = self._new(path)
+            evs.append(Event(self.position, PUT, 0, p, type_, mode & 0o7777, uid, gid,
+                             int(time.time()) if mtime is None else mtime, None, None, None, None, None,
+                             rdev[0] if dev else None, rdev[1] if dev else None, None))
+        return p
+
+    def remove(self, path: str | bytes, recursive: bool = False, want_dir: bool | None = None) -> bytes:
+        """Remove a path (a whiteout); a non-empty directory only when recursive (rm -r).
+        want_dir: True to act as rmdir(2), False as unlink(2)."""
+        with self._writing() as evs:
+            p, node = self._existing(path, follow=False)
+            if not p:
+                raise PathError(errno.EBUSY, p, "cannot remove the root")
+            if want_dir is True and node.type != "d":
+                raise PathError(errno.ENOTDIR, p)
+            if want_dir is False and node.type == "d":
+                raise PathError(errno.EISDIR, p)
+            if node.type == "d" and not recursive and self._view.children.get(p):
+                raise PathError(errno.ENOTEMPTY, p)
+            evs.append(self._whiteout(p))
+        return p
+
+    def _whiteout(self, p: bytes) -> Event:
+        return Event(self.position, WHITEOUT, 0, p, None, None, None, None, int(time.time()), None, None, None,
+                     None, None, None, None, None)
+
+    def rename(self, src: str | bytes, dst: str | bytes, noreplace: bool = False) -> bytes:
+        """rename(2): the moved entries keep their identity (files are linked to
+        their new names before the old names go)."""
+        with self._writing() as evs:
+            sp, snode = self._existing(src, follow=False)
+            dp, dnode = self.walk(dst, follow=False)
+            if not sp or not dp:
+                raise PathError(errno.EBUSY, sp or dp)
+            if dnode is snode:
+                return dp  # the same file (or two names of it): nothing to do, as POSIX says
+            if dp.startswith(sp + b"/"):
+                raise PathError(errno.EINVAL, dp, f"cannot move {show(sp)} into itself")
+            if dnode is not None:
+                if noreplace:
+                    raise PathError(errno.EEXIST, dp)
+                if snode.type == "d" and dnode.type != "d":
+                    raise PathError(errno.ENOTDIR, dp)
+                if snode.type != "d" and dnode.type == "d":
+                    raise PathError(errno.EISDIR, dp)
+                if dnode.type == "d" and self._view.children.get(dp):
+                    raise PathError(errno.ENOTEMPTY, dp)
+                evs.append(self._whiteout(dp))
+            moved = [(sp, snode)] + (list(self._view.walk(sp)) if snode.type == "d" else [])
+            for q, n in moved:
+                nq = dp + q[len(sp):]
+                if n.type == "d":
+                    evs.append(self._put(nq, n))
+                else:
+                    evs.append(Event(self.position, PUT, 0, nq, "h", n.mode, n.uid, n.gid, n.mtime, None, None,
+                                     None, None, q, None, None, None))
+            evs.append(self._whiteout(sp))
+        return dp
+
+    def setattr(self, path: str | bytes, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                mtime: int | None = None, xattrs: dict[str, bytes] | None = None, follow: bool = True) -> bytes:
+        """chmod, chown, touch -m and xattr changes, as one put."""
+        with self._writing() as evs:
+            p, node = self._existing(path, follow)
+            changes: dict = {}
+            if mode is not None and node.type != "l":
+                changes["mode"] = mode & 0o7777
+            if uid is not None:
+                changes["uid"] = uid
+            if gid is not None:
+                changes["gid"] = gid
+            if mtime is not None:
+                changes["mtime"] = mtime
+            if xattrs is not None:
+                changes["xattrs"] = json.dumps({k: v.hex() for k, v in sorted(xattrs.items())}) if xattrs else None
+            if not changes:
+                return p
+            ev = self._put(p, node, **changes)
+            evs.append(ev)
+            evs.extend(self._relinks(node, p, ev))
+        return p
+
+    def chmod(self, path: str | bytes, mode: int, follow: bool = True) -> bytes:
+        return self.setattr(path, mode=mode, follow=follow)
+
+    def chown(self, path: str | bytes, uid: int | None = None, gid: int | None = None, follow: bool = True) -> bytes:
+        return self.setattr(path, uid=uid, gid=gid, follow=follow)
+
+    def utime(self, path: str | bytes, mtime: int, follow: bool = True) -> bytes:
+        return self.setattr(path, mtime=mtime, follow=follow)
+
+    # Host directories -------------------------------------------------------------
+
+    def apply_dir(self, directory: str) -> int:
+        """Record the difference between the view and a host directory (which
+        stands for the whole container): whiteouts for what it lacks, puts for
+        what it adds or changes.  One transaction; returns the events written."""
+        host = _scan_host(directory)
+        with self._writing() as evs:
+            view = self._view
+            gone: set[bytes] = set()
+            for p, node in view.walk():  # parents first: a removed subtree is one whiteout
+                h = host.get(p)
+                if (h is None or h.type != node.type) and not any(a in gone for a in ancestors(p)):
+                    gone.add(p)
+                    evs.append(self._whiteout(p))
+
+            def current(p: bytes) -> Node | None:
+                return None if p in gone or any(a in gone for a in ancestors(p)) else view.get(p)
+
+            self._host_puts(evs, directory, host, b"", current)
+        return len(evs)
+
+    def copy_in(self, source: str, dest: str | bytes, archive: bool = False) -> bytes:
+        """`docker cp SOURCE CONTAINER:DEST`: a file or a directory tree, merged
+        into what is there (an existing directory DEST receives SOURCE by name).
+        Entries are owned by root unless archive (-a) keeps the host's owners."""
+        src = os.path.abspath(source)
+        try:
+            st = os.lstat(src)
+        except OSError as e:
+            raise UsageError(f"{source}: {e.strerror}") from None
+        with self._writing() as evs:
+            p, node = self.walk(dest, follow=True)
+            if node is not None and node.type == "d":
+                p = join(p, os.fsencode(os.path.basename(src.rstrip("/"))))
+                node = self._view.get(p)
+            if not p:
+                raise PathError(errno.EISDIR, p)
+            if stat.S_ISDIR(st.st_mode):
+                if node is not None and node.type != "d":
+                    raise PathError(errno.ENOTDIR, p, "cannot copy a directory over a non-directory")
+                host = _scan_host(src)
+                host[b""] = _HostEntry.of(st, src)
+            else:
+                if node is not None and node.type == "d":
+                    raise PathError(errno.EISDIR, p)
+                host = {b"": _HostEntry.of(st, src)}
+            if not archive:
+                for h in host.values():
+                    h.uid = h.gid = 0
+            view = self._view
+            self._host_puts(evs, src, host, p, lambda q: view.get(q))
+        return p
+
+    def _host_puts(self, evs: list[Event], root: str, host: dict[bytes, "_HostEntry"], at: bytes, current) -> None:
+        """Puts that make the view show `host` (relative paths -> entries) at `at`,
+        skipping entries that match already; hard-linked host files stay linked
+        (the first name is put, the others are linked to it)."""
+        host_links: dict[tuple[int, int], list[bytes]] = {}
+        for rel, h in host.items():
+            if h.type != "d" and h.nlink > 1:
+                host_links.setdefault(h.inode, []).append(rel)
+        view_links = names_by_node(self._view)
+        reput: set[bytes] = set()
+        for rel in sorted(host):
+            h = host[rel]
+            p = join(at, rel)
+            node = current(p)
+            names = sorted(host_links.get(h.inode, [rel])) if h.type != "d" else [rel]
+            if rel != names[0]:
+                first = join(at, names[0])
+                if first in reput or node is None or node is not current(first):
+                    evs.append(Event(self.position, PUT, 0, p, "h", h.mode, h.uid, h.gid, h.mtime, None, None,
+                                     None, None, first, None, None, None))
+                continue
+            full = os.path.join(root, os.fsdecode(rel)) if rel else root
+            want = [join(at, n) for n in names] if len(names) > 1 else None
+            if node is not None and view_links.get(id(node)) == want and _matches(h, node, full):
+                continue
+            blob_id = size = None
+            if h.type == "f":
+                with open(full, "rb") as f:
+                    blob_id, size = self._store(f)
+            reput.add(p)
+            evs.append(Event(self.position, PUT, 0, p, h.type, h.mode, h.uid, h.gid, h.mtime, size, blob_id, None,
+                             h.link, None, h.major, h.minor, h.xattrs))
+
+    # Reading out ------------------------------------------------------------------
+
+    def copy_out(self, path: str | bytes, target: str) -> str:
+        """`docker cp CONTAINER:PATH TARGET`: a file, a symlink, or a directory tree."""
+        from .export import write_dir
+
+        self.refresh()
+        p, node = self._existing(path, follow=False)
+        dest = target
+        if p and os.path.isdir(target) and not os.path.islink(target):
+            dest = os.path.join(target, os.fsdecode(p.rsplit(b"/", 1)[-1]))
+        if node.type == "d":
+            with self.store.read():
+                write_dir(subview(self.current, p), self.content, dest)
+            return dest
+        if node.type == "l":
+            os.symlink(node.link or b"", dest)
+        elif node.type == "f":
+            with self.store.read(), open(dest, "wb") as f:
+                if node.size:
+                    for chunk in self.content.iter_blob(node.blob_id):
+                        f.write(chunk)
+            os.chmod(dest, node.mode or 0)
+        else:
+            raise UsageError(f"{show(p)}: cannot copy a {node.type!r} file out")
+        mt = node.mtime or 0
+        os.utime(dest, (mt, mt), follow_symlinks=False)
+        return dest
+
+    # Commit -----------------------------------------------------------------------
+
+    def commit(self, tag: str | None, message: str | None = None, changes: Iterable[str] = ()) -> dict:
+        """Seal the container's net changes into a new layer and image (tagged `tag`)."""
+        with self.store.read():
+            upper = self.view
+            lower = self.base_view()
+            wipe_time = self._whiteouts()
+            base_config = self.store.scalar("SELECT config FROM image WHERE id = ?", (self.image_rowid,))
+        cfg = json.loads(base_config)
+        apply_changes(cfg.setdefault("config", {}), changes)
+        entries = plan_layer(lower, upper, wipe_time)
+        with tempfile.TemporaryFile(prefix="layerdb-commit-") as f:
+            diff_id, n = write_layer(entries, self.content, self.store, f)
+            f.seek(0)
+            created = now()
+            rootfs = cfg.get("rootfs") if isinstance(cfg.get("rootfs"), dict) else {}
+            base_ids = [li.diff_id for li in self.base]
+            cfg["rootfs"] = {**rootfs, "type": "layers", "diff_ids": base_ids + [diff_id]}
+            hist = {"created": created, "created_by": "layerdb commit"}
+            if message:
+                hist["comment"] = message
+            cfg["history"] = list(cfg.get("history") or []) + [hist]
+            cfg["created"] = created
+            config = json.dumps(cfg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            digest = "sha256:" + hashlib.sha256(config).hexdigest()
+            self.content.reset()
+            imp = Importer(self.store, self.content)
+            try:
+                with self.store.write():
+                    self.store.execute("PRAGMA defer_foreign_keys = ON")
+                    d = imp.ingest_tar(f, diff_id, f"the layer of {self.name}")
+                    base = [DiffResult(li.diff_rowid, li.diff_id, new=False) for li in self.base]
+                    img = imp.store_image(digest, config, cfg, base + [d], [tag] if tag else [])
+                    self.content.flush()
+            except BaseException:
+                self.content.reset()
+                raise
+        return {**img, "diff_id": diff_id, "layer_id": chain_ids(base_ids + [diff_id])[-1], "entries": n,
+                "container": self.name}
+
+    def _whiteouts(self) -> dict[bytes, int]:
+        """Every path the log removed, with the time of its last removal."""
+        return dict(self.store.execute(
+            "SELECT p.path, e.mtime FROM event e JOIN path p ON p.id = e.path_id"
+            " WHERE e.diff_id = ? AND e.kind = ? ORDER BY e.seq", (self.diff_rowid, WHITEOUT)).fetchall())
+
+
+def _chain(pieces: Iterator[bytes], data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
+    yield from pieces
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield bytes(data)
+    elif hasattr(data, "read"):
+        while b := data.read(READ_SIZE):  # type: ignore[union-attr]
+            yield b
+    else:
+        yield from data
+
+
+def subview(view: View, top: bytes) -> View:
+    """The subtree at `top` as a view of its own (hard links inside it stay shared)."""
+    sub = View()
+    cut = len(top) + 1 if top else 0
+    for p, n in view.walk(top):
+        rel = p[cut:]
+        sub.nodes[rel] = n
+        if n.type == "d":
+            sub.children.setdefault(rel, set())
+        sub.children.setdefault(parent(rel), set()).add(rel)
+    return sub
+
+
+# Host files -------------------------------------------------------------------------
+
+IGNORED_XATTRS = {"security.selinux"}  # set by the host, not part of the tree (as tree_manifest.py)
+
+
+@dataclass
+class _HostEntry:
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int | None
+    link: bytes | None
+    major: int | None
+    minor: int | None
+    xattrs: str | None
+    nlink: int
+    inode: tuple[int, int]
+
+    @classmethod
+    def of(cls, st: os.stat_result, full: str | bytes) -> "_HostEntry":
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            t = "d"
+        elif stat.S_ISREG(m):
+            t = "f"
+        elif stat.S_ISLNK(m):
+            t = "l"
+        elif stat.S_ISFIFO(m):
+            t = "p"
+        elif stat.S_ISCHR(m):
+            t = "c"
+        elif stat.S_ISBLK(m):
+            t = "b"
+        else:
+            raise UsageError(f"{os.fsdecode(full)}: sockets cannot be part of an image")
+        dev = t in ("c", "b")
+        return cls(t, 0o777 if t == "l" else stat.S_IMODE(m), st.st_uid, st.st_gid, int(st.st_mtime),
+                   st.st_size if t == "f" else None, os.readlink(os.fsencode(full)) if t == "l" else None,
+                   os.major(st.st_rdev) if dev else None, os.minor(st.st_rdev) if dev else None,
+                   _host_xattrs(full), st.st_nlink, (st.st_dev, st.st_ino))
+
+
+def _host_xattrs(full: str | bytes) -> str | None:
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+    except OSError:
+        return None
+    out = {}
+    for n in sorted(names):
+        if n in IGNORED_XATTRS:
+            continue
+        try:
+            out[n] = os.getxattr(full, n, follow_symlinks=False).hex()
+        except OSError:
+            continue
+    return json.dumps(out) if out else None
+
+
+def _scan_host(directory: str) -> dict[bytes, _HostEntry]:
+    """Every entry below a host directory (not following symlinks), by relative path."""
+    root = os.fsencode(os.path.abspath(directory))
+    if not os.path.isdir(root):
+        raise UsageError(f"{directory}: not a directory")
+    out: dict[bytes, _HostEntry] = {}
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            for e in it:
+                r = join(rel, e.name)
+                full = os.path.join(root, r)
+                h = _HostEntry.of(os.lstat(full), full)
+                out[r] = h
+                if h.type == "d":
+                    stack.append(r)
+    return out
+
+
+def _matches(h: _HostEntry, node: Node, full: str | bytes) -> bool:
+    """Whether a view node shows what the host entry is (directory mtimes aside,
+    as in audit.state), hashing the host file only when everything else agrees."""
+    if h.type != node.type or h.uid != node.uid or h.gid != node.gid or (h.xattrs or None) != (node.xattrs or None):
+        return False
+    if h.type == "l":
+        return h.link == node.link and h.mtime == node.mtime
+    if h.mode != node.mode:
+        return False
+    if h.type in ("c", "b"):
+        return (h.major, h.minor) == (node.devmajor, node.devminor)
+    if h.type != "f":
+        return True
+    if h.size != node.size or h.mtime != node.mtime:
+        return False
+    sha = hashlib.sha256()
+    with open(full, "rb") as f:
+        while b := f.read(READ_SIZE):
+            sha.update(b)
+    return sha.digest() == node.sha256
+
+
+# Commit: the layer tar ----------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    name: bytes  # the tar member name (a path, or a .wh. marker)
+    node: Node | None  # None for whiteout and opaque markers
+    link: bytes | None = None  # a hard link to this earlier name
+    mtime: int = 0  # for markers
+
+
+def plan_layer(lower: View, upper: View, removed: dict[bytes, int]) -> list[Entry]:
+    """The entries of the layer that turns `lower` into `upper`, sorted by name.
+
+    removed: the paths the container's log whited out, with the time of it.
+    Per OCI: a path is put when it is new or changed, or when nothing lower
+    can show through its parent; a directory that the log removed (itself or
+    an ancestor) and that exists again gets `.wh..wh..opq`; a lower path the
+    upper view lacks gets `.wh.NAME` in its nearest surviving directory.
+    Every parent of an entry is in the tar too, and all names of a hard-linked
+    file go together (the first as the file, the others as links to it).
+    """
+    from .audit import state
+
+    lower_links = names_by_node(lower)
+    upper_links = names_by_node(upper)
+    # see_through[D]: entries of lower layers below directory D still show in upper.
+    see_through: dict[bytes, bool] = {b"": True}
+    put: set[bytes] = set()
+    marks: dict[bytes, int] = {}  # marker name -> its mtime
+    for p, node in upper.walk():  # parents first
+        low = lower.get(p) if see_through.get(parent(p)) else None
+        wiped = [removed[q] for q in (p, *ancestors(p)) if q in removed]
+        reopened = node.type == "d" and low is not None and low.type == "d" and bool(wiped)
+        if node.type == "d":
+            see_through[p] = low is not None and low.type == "d" and not reopened
+        if low is None or reopened or state(low) != state(node):
+            put.add(p)
+        elif node.type != "d" and lower_links.get(id(low)) != upper_links.get(id(node)):
+            put.add(p)  # same file, but its hard links differ
+        if reopened:
+            marks[join(p, OPQ)] = max(wiped)
+    for p in lower.nodes:
+        if p and p not in upper.nodes and see_through.get(parent(p)):
+            marks[join(parent(p), WH + p.rsplit(b"/", 1)[-1])] = removed.get(p, 0)
+    for p in list(put):
+        put.update(upper_links.get(id(upper.nodes[p]), ()))
+    for name in list(put) + list(marks):
+        put.update(ancestors(name))
+    entries: list[Entry] = []
+    first: dict[int, bytes] = {}
+    for name in sorted(put | marks.keys()):
+        if name in marks:
+            entries.append(Entry(name, None, mtime=marks[name]))
+            continue
+        _refuse_marker(name)
+        node = upper.nodes[name]
+        if node.type != "d" and id(node) in upper_links:
+            if id(node) in first:
+                entries.append(Entry(name, node, link=first[id(node)]))
+                continue
+            first[id(node)] = name
+        entries.append(Entry(name, node))
+    return entries
+
+
+def _refuse_marker(p: bytes) -> None:
+    if p.rsplit(b"/", 1)[-1].startswith(WH):
+        raise UsageError(f"{show(p)}: a name starting with .wh. cannot go into a layer (it would read as a whiteout)")
+
+
+class _HashingWriter:
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+def write_layer(entries: list[Entry], content: ContentStore, store: Store, f: BinaryIO) -> tuple[str, int]:
+    """Write the layer tar (PAX, deterministic: every field from the events) to f;
+    returns its diff_id and entry count."""
+    hw = _HashingWriter(f)
+    with store.read(), tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                                    errors="surrogateescape") as tar:
+        for e in entries:
+            if e.node is None:
+                ti = tarfile.TarInfo(e.name.decode("utf-8", "surrogateescape"))
+                ti.type, ti.mode, ti.mtime, ti.uname, ti.gname = tarfile.REGTYPE, 0, e.mtime, "", ""
+                tar.addfile(ti)
+                continue
+            ti = tarinfo(e.name, e.node)
+            if e.link is not None:
+                ti.type, ti.size, ti.linkname = tarfile.LNKTYPE, 0, e.link.decode("utf-8", "surrogateescape")
+                tar.addfile(ti)
+            elif e.node.type == "f" and e.node.size:
+                tar.addfile(ti, content.open_blob(e.node.blob_id))
+            else:
+                tar.addfile(ti)
+    return "sha256:" + hw.sha.hexdigest(), len(entries)
+
+
+# Commit: the config ------------------------------------------------------------------
+
+CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "USER", "VOLUME", "WORKDIR")
+
+
+def apply_changes(config: dict, changes: Iterable[str]) -> None:
+    """Apply Dockerfile-style instructions (`docker commit --change`) to an image config's `config`."""
+    for change in changes:
+        word, _, rest = change.strip().partition(" ")
+        key, rest = word.upper(), rest.strip()
+        if key not in CHANGE_KEYS:
+            raise UsageError(f"--change {change!r}: supported instructions are {', '.join(CHANGE_KEYS)}")
+        if not rest:
+            raise UsageError(f"--change {change!r}: {key} needs a value")
+        if key in ("CMD", "ENTRYPOINT"):
+            config["Cmd" if key == "CMD" else "Entrypoint"] = _exec_form(rest, change)
+        elif key == "ENV":
+            env = [e for e in config.get("Env") or []]
+            for k, v in _pairs(rest, change, allow_space=True):
+                env = [e for e in env if e.split("=", 1)[0] != k] + [f"{k}={v}"]
+            config["Env"] = env
+        elif key == "LABEL":
+            labels = dict(config.get("Labels") or {})
+            labels.update(_pairs(rest, change, allow_space=False))
+            config["Labels"] = labels
+        elif key == "EXPOSE":
+            ports = dict(config.get("ExposedPorts") or {})
+            for port in rest.split():
+                ports[port if "/" in port else port + "/tcp"] = {}
+            config["ExposedPorts"] = ports
+        elif key == "VOLUME":
+            vols = dict(config.get("Volumes") or {})
+            for v in (_exec_form(rest, change) if rest.startswith("[") else rest.split()):
+                vols[v] = {}
+            config["Volumes"] = vols
+        elif key == "USER":
+            config["User"] = rest
+        elif key == "WORKDIR":
+            config["WorkingDir"] = rest
+
+
+def _exec_form(rest: str, change: str) -> list[str]:
+    if rest.startswith("["):
+        try:
+            v = json.loads(rest)
+        except ValueError:
+            raise UsageError(f"--change {change!r}: not a JSON array of strings") from None
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise UsageError(f"--change {change!r}: not a JSON array of strings")
+        return v
+    return ["/bin/sh", "-c", rest]
+
+
+def _pairs(rest: str, change: str, allow_space: bool) -> list[tuple[str, str]]:
+    try:
+        words = shlex.split(rest)
+    except ValueError as e:
+        raise UsageError(f"--change {change!r}: {e}") from None
+    if allow_space and words and "=" not in words[0]:
+        return [(words[0], rest.split(None, 1)[1] if len(words) > 1 else "")]  # ENV KEY VALUE...
+    out = []
+    for w in words:
+        k, eq, v = w.partition("=")
+        if not eq or not k:
+            raise UsageError(f"--change {change!r}: expected KEY=VALUE, got {w!r}")
+        out.append((k, v))
+    return out
+
+
+__all__ = ["Container", "create", "listing", "remove", "docker_changes", "plan_layer", "write_layer",
+           "apply_changes", "PathError", "NoSuchPath", "LayerdbError"]
