@@ -18,6 +18,7 @@ deletes left free pages, so the file really shrinks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,7 @@ class GcResult:
     blobs: int = 0
     chunks: int = 0
     paths: int = 0
+    repacked: int = 0  # packs rewritten without their dead members
     bytes_before: int = 0  # the store file plus its WAL
     bytes_after: int = 0
     vacuumed: bool = False
@@ -131,13 +133,18 @@ def collect(store: Store, chunks: ChunkStore) -> GcResult:
         x("INSERT OR IGNORE INTO gc_chunk SELECT chunk FROM gc_blob WHERE chunk IS NOT NULL")
         x("INSERT OR IGNORE INTO gc_chunk SELECT bc.chunk FROM blob_chunk bc JOIN gc_blob g ON g.id = bc.blob_id")
         res.blobs = _delete(store, "DELETE FROM blob WHERE id IN (SELECT id FROM gc_blob)")  # blob_chunk cascades
+        x("CREATE TEMP TABLE gc_pack(sha BLOB PRIMARY KEY) WITHOUT ROWID")
+        x("INSERT INTO gc_pack SELECT DISTINCT chunk FROM gc_blob WHERE chunk IS NOT NULL")
         x("DELETE FROM gc_chunk WHERE sha IN (SELECT chunk FROM blob WHERE chunk IS NOT NULL)"
           " OR EXISTS (SELECT 1 FROM blob_chunk bc WHERE bc.chunk = gc_chunk.sha)")
-        for (sha,) in x("SELECT sha FROM gc_chunk"):
+        for (sha,) in x("SELECT sha FROM gc_chunk").fetchall():
             chunks.delete(sha)
             res.chunks += 1
+        res.repacked = _repack(store, chunks, [r[0] for r in x(
+            "SELECT sha FROM gc_pack WHERE sha NOT IN (SELECT sha FROM gc_chunk)").fetchall()])
         x("DROP TABLE temp.gc_blob")
         x("DROP TABLE temp.gc_chunk")
+        x("DROP TABLE temp.gc_pack")
         log.info("gc", step="contents", blobs=res.blobs, chunks=res.chunks)
 
         res.paths = _delete(store, "DELETE FROM path WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.path_id = path.id)"
@@ -159,6 +166,36 @@ def collect(store: Store, chunks: ChunkStore) -> GcResult:
     res.bytes_after = _file_bytes(store)
     log.info("gc", step="done", bytes_before=res.bytes_before, bytes_after=res.bytes_after)
     return res
+
+
+# A pack that lost members keeps their bytes until it is rewritten; rewrite it
+# when more than a quarter of it is dead.
+REPACK_BELOW = 0.75
+
+
+def _repack(store: Store, chunks: ChunkStore, packs: list[bytes]) -> int:
+    """Rewrite packs whose removed members left dead bytes; returns how many."""
+    n = 0
+    for sha in packs:
+        members = store.execute("SELECT id, offset, size FROM blob WHERE chunk = ? ORDER BY offset", (sha,)).fetchall()
+        if not members:
+            continue
+        raw = chunks.get(sha)
+        if sum(size for _, _, size in members) >= REPACK_BELOW * len(raw):
+            continue
+        new = bytearray()
+        moves = []
+        for bid, off, size in members:
+            moves.append((len(new), bid))
+            new += raw[off : off + size]
+        new_sha = hashlib.sha256(new).digest()
+        chunks.put(new_sha, bytes(new))
+        store.conn.executemany("UPDATE blob SET chunk = ?, offset = ? WHERE id = ?",
+                               [(new_sha, off, bid) for off, bid in moves])
+        if new_sha != sha:
+            chunks.delete(sha)
+        n += 1
+    return n
 
 
 def _delete(store: Store, sql: str) -> int:

@@ -139,7 +139,7 @@ def test_gc_with_nothing_to_collect_changes_nothing(both):
     before = dump(both)
     (res,) = load_json_lines(ok(both, "gc", "--json").stdout)
     assert {k: v for k, v in res.items() if not k.startswith("bytes")} == {
-        "layers": 0, "diffs": 0, "events": 0, "blobs": 0, "chunks": 0, "paths": 0, "vacuumed": False,
+        "layers": 0, "diffs": 0, "events": 0, "blobs": 0, "chunks": 0, "paths": 0, "repacked": 0, "vacuumed": False,
         "checkpointed": True}
     assert dump(both) == before
 
@@ -241,3 +241,30 @@ def test_gc_beside_a_reader_holding_an_old_snapshot(both, tmp_path):
     assert again["checkpointed"] and again["bytes_after"] < res["bytes_after"]
     assert_views_match_oracle(both, S2, "sample2", tmp_path)
     check_store(both)
+
+
+def test_gc_rewrites_a_pack_that_lost_members(tmp_path):
+    """A removed layer's pack still holds a content another image shares: gc keeps
+    that content and drops the dead bytes around it."""
+    from hostile.make_hostile import entry, layer, on_top, tar_bytes
+
+    from layerdb.engine.api import LayerDB
+
+    db_path = tmp_path / "s.sqlite"
+    with LayerDB(db_path) as db:
+        db.import_archive(str(SAMPLE))
+        keep = b"".join(db.cat("sample:1.0~3", "/app/config.ini"))  # stored in layer 3's pack
+        arch = tmp_path / "copy.oci.tar"
+        on_top([layer(tar_bytes([entry("copy.ini", keep)]), "COPY copy.ini /")], src="opaque.oci.tar").write(arch)
+        db.import_archive(str(arch), tag="copy:1")
+        sha = hashlib.sha256(keep).digest()
+        pack = db.store.scalar("SELECT chunk FROM blob WHERE sha256 = ?", (sha,))
+        raw_before = db.store.scalar("SELECT size FROM chunk WHERE sha256 = ?", (pack,))
+        db.remove(["sample:1.0"])
+        res = db.gc()
+        assert res.repacked == 1
+        new_pack = db.store.scalar("SELECT chunk FROM blob WHERE sha256 = ?", (sha,))
+        assert new_pack != pack and db.store.scalar("SELECT count(*) FROM chunk WHERE sha256 = ?", (pack,)) == 0
+        assert db.store.scalar("SELECT size FROM chunk WHERE sha256 = ?", (new_pack,)) < raw_before
+        assert b"".join(db.cat("copy:1", "/copy.ini")) == keep
+    ok(db_path, "fsck", "--deep")
