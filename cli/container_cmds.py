@@ -100,8 +100,9 @@ def _container_side(arg: str) -> tuple[str, str] | None:
 @click.argument("src")
 @click.argument("dst")
 @click.option("-a", "--archive", is_flag=True, help="Copying in: keep the host files' owners (default: root).")
+@click.option("--allow-devices", is_flag=True, help="Copying a tree out: create the fifos and device files it holds.")
 @click.pass_context
-def cp(ctx, src, dst, archive):
+def cp(ctx, src, dst, archive, allow_devices):
     """Copy between the host and a container: `cp HOSTPATH NAME:/path` or `cp NAME:/path HOSTPATH`.
 
     Files and directory trees; an existing directory receives the source by name.
@@ -116,7 +117,7 @@ def cp(ctx, src, dst, archive):
     if b is not None:
         db.copy_in(src, b[0], b[1], archive=archive)
     else:
-        db.copy_out(a[0], a[1], dst)
+        db.copy_out(a[0], a[1], dst, allow_devices)
 
 
 @cli.command()

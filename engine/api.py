@@ -340,41 +340,45 @@ class LayerDB:
     def container_apply(self, name: str, directory: str) -> int:
         return self.container(name).apply_dir(directory)
 
-    def write_file(self, container: str, path, data, mode=None, uid=None, gid=None, mtime=None) -> bytes:
-        return self.container(container).write_file(path, data, mode, uid, gid, mtime)
+    # The writes below are engine/container.Container's; see there for each one's keywords.
 
-    def append_file(self, container: str, path, data) -> bytes:
-        return self.container(container).append_file(path, data)
+    def write_file(self, container: str, path, data, mode=None, uid=None, gid=None, **kw) -> bytes:
+        """Create or replace a regular file from bytes, a file object or an iterable of bytes."""
+        return self.container(container).write_file(path, data, mode, uid, gid, **kw)
 
-    def mkdir(self, container: str, path, mode=0o755, uid=0, gid=0, parents=False) -> bytes:
-        return self.container(container).mkdir(path, mode, uid, gid, parents=parents)
+    def append_file(self, container: str, path, data, **kw) -> bytes:
+        return self.container(container).append_file(path, data, **kw)
 
-    def symlink(self, container: str, path, target, uid=0, gid=0) -> bytes:
-        return self.container(container).symlink(path, target, uid, gid)
+    def mkdir(self, container: str, path, mode=0o755, uid=0, gid=0, **kw) -> bytes:
+        return self.container(container).mkdir(path, mode, uid, gid, **kw)
+
+    def symlink(self, container: str, path, target, **kw) -> bytes:
+        return self.container(container).symlink(path, target, **kw)
 
     def link(self, container: str, path, target) -> bytes:
         return self.container(container).link(path, target)
 
     def remove_path(self, container: str, path, recursive=False) -> bytes:
+        """rm (-r): a whiteout.  (`remove` is taken: it removes images.)"""
         return self.container(container).remove(path, recursive)
 
-    def rename(self, container: str, src, dst) -> bytes:
-        return self.container(container).rename(src, dst)
+    def rename(self, container: str, src, dst, **kw) -> bytes:
+        return self.container(container).rename(src, dst, **kw)
 
-    def chmod(self, container: str, path, mode) -> bytes:
-        return self.container(container).chmod(path, mode)
+    def chmod(self, container: str, path, mode, **kw) -> bytes:
+        return self.container(container).chmod(path, mode, **kw)
 
-    def chown(self, container: str, path, uid=None, gid=None) -> bytes:
-        return self.container(container).chown(path, uid, gid)
+    def chown(self, container: str, path, uid=None, gid=None, **kw) -> bytes:
+        return self.container(container).chown(path, uid, gid, **kw)
 
-    def utime(self, container: str, path, mtime) -> bytes:
-        return self.container(container).utime(path, mtime)
+    def utime(self, container: str, path, mtime, **kw) -> bytes:
+        return self.container(container).utime(path, mtime, **kw)
 
     def copy_in(self, source: str, container: str, dest, archive=False) -> bytes:
         return self.container(container).copy_in(source, dest, archive)
 
-    def copy_out(self, container: str, path, target: str) -> str:
-        return self.container(container).copy_out(path, target)
+    def copy_out(self, container: str, path, target: str, allow_devices=False) -> str:
+        return self.container(container).copy_out(path, target, allow_devices)
 
     def commit(self, container: str, tag: str | None, message: str | None = None, changes=()) -> dict:
         return self.container(container).commit(tag, message, changes)

@@ -39,9 +39,10 @@ from typing import BinaryIO, Iterable, Iterator
 
 from . import refs
 from .content import ContentStore
-from .errors import LayerdbError, NotFound, UsageError
+from .errors import NotFound, UsageError
 from .export import tarinfo
 from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
+from .importer import _ancestors as ancestors, _parent as parent
 from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events
 from .store import Store
 
@@ -50,6 +51,9 @@ MAX_SYMLINKS = 40  # as Linux: more links in one path is ELOOP
 WH = b".wh."
 OPQ = b".wh..wh..opq"
 READ_SIZE = 1 << 20
+TYPE_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.S_IFIFO, "c": stat.S_IFCHR,
+             "b": stat.S_IFBLK}
+TYPE_OF_BITS = {v: k for k, v in TYPE_BITS.items()}
 ALL_KINDS = "(0, 1, 2, 3, 4)"  # lets the (diff_id, kind, seq) key serve `seq > ?` one kind at a time
 
 _INSERT = (
@@ -84,25 +88,10 @@ def split(path: str | bytes) -> list[bytes]:
     return [p for p in raw.split(b"/") if p and p != b"."]
 
 
-def parent(path: bytes) -> bytes:
-    i = path.rfind(b"/")
-    return path[:i] if i >= 0 else b""
-
-
 def join(base: bytes, name: bytes) -> bytes:
     if not name:
         return base
     return base + b"/" + name if base else name
-
-
-def ancestors(path: bytes) -> Iterator[bytes]:
-    """Proper ancestors, nearest first, without the root."""
-    while True:
-        i = path.rfind(b"/")
-        if i < 0:
-            return
-        path = path[:i]
-        yield path
 
 
 def names_by_node(view: View) -> dict[int, list[bytes]]:
@@ -654,8 +643,9 @@ class Container:
 
     # Reading out ------------------------------------------------------------------
 
-    def copy_out(self, path: str | bytes, target: str) -> str:
-        """`docker cp CONTAINER:PATH TARGET`: a file, a symlink, or a directory tree."""
+    def copy_out(self, path: str | bytes, target: str, allow_devices: bool = False) -> str:
+        """`docker cp CONTAINER:PATH TARGET`: a file, a symlink, or a directory tree
+        (holding fifos or device files only with allow_devices, as `export --dir`)."""
         from .export import write_dir
 
         self.refresh()
@@ -665,7 +655,7 @@ class Container:
             dest = os.path.join(target, os.fsdecode(p.rsplit(b"/", 1)[-1]))
         if node.type == "d":
             with self.store.read():
-                write_dir(subview(self.current, p), self.content, dest)
+                write_dir(subview(self.current, p), self.content, dest, allow_devices)
             return dest
         if node.type == "l":
             os.symlink(node.link or b"", dest)
@@ -776,19 +766,8 @@ class _HostEntry:
     @classmethod
     def of(cls, st: os.stat_result, full: str | bytes) -> "_HostEntry":
         m = st.st_mode
-        if stat.S_ISDIR(m):
-            t = "d"
-        elif stat.S_ISREG(m):
-            t = "f"
-        elif stat.S_ISLNK(m):
-            t = "l"
-        elif stat.S_ISFIFO(m):
-            t = "p"
-        elif stat.S_ISCHR(m):
-            t = "c"
-        elif stat.S_ISBLK(m):
-            t = "b"
-        else:
+        t = TYPE_OF_BITS.get(stat.S_IFMT(m))
+        if t is None:
             raise UsageError(f"{os.fsdecode(full)}: sockets cannot be part of an image")
         dev = t in ("c", "b")
         return cls(t, 0o777 if t == "l" else stat.S_IMODE(m), st.st_uid, st.st_gid, int(st.st_mtime),
@@ -1031,4 +1010,4 @@ def _pairs(rest: str, change: str, allow_space: bool) -> list[tuple[str, str]]:
 
 
 __all__ = ["Container", "create", "listing", "remove", "docker_changes", "plan_layer", "write_layer",
-           "apply_changes", "PathError", "NoSuchPath", "LayerdbError"]
+           "apply_changes", "PathError", "NoSuchPath"]
