@@ -94,8 +94,8 @@ def find(ctx, name, path, sha256, visible, as_json):
         return json_rows(rows)
     table = []
     for r in rows:
-        image = (r["repo_tags"] or [(r["image"] or "<no image>")[7:19]])[0]
-        table.append([image, str(r["position"]), r["layer_id"][7:19], r["path"], r["type"],
+        image = (r["repo_tags"] or [render.short(r["image"]) or "<no image>"])[0]
+        table.append([image, str(r["position"]), render.short(r["layer_id"]), r["path"], r["type"],
                       "" if r["size"] is None else str(r["size"]), (r["sha256"] or "")[:12],
                       "yes" if r["visible"] else "no", render.trunc(r["created_by"] or "", 40)])
     render.table(["IMAGE", "POS", "LAYER", "PATH", "TYPE", "SIZE", "SHA256", "VISIBLE", "CREATED BY"], table)
@@ -134,20 +134,20 @@ def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, limi
 
 
 def _waste_table(report: dict, limit: int) -> None:
-    name = (report["repo_tags"] or [(report["image"] or "")[7:19]])[0]
+    name = (report["repo_tags"] or [render.short(report["image"] or "")])[0]
     click.echo(f"Image: {name}")
     click.echo(f"Efficiency: {report['efficiency'] * 100:.4f} %")
     click.echo(f"Wasted: {render.size(report['wasted_bytes'])} of {render.size(report['total_bytes'])} file bytes")
     click.echo("")
     render.table(["POS", "LAYER", "SIZE", "WASTED", "CREATED BY"], [
-        [str(li["position"]), li["layer_id"][7:19], render.size(li["size"]), render.size(li["wasted_bytes"]),
+        [str(li["position"]), render.short(li["layer_id"]), render.size(li["size"]), render.size(li["wasted_bytes"]),
          render.trunc(li["created_by"] or "", 60)] for li in report["layers"]])
     files = report["files"] if limit <= 0 else report["files"][:limit]
     if files:
         click.echo("")
         render.table(["SIZE", "PATH", "ADDED", "HOW", "BY"], [
-            [render.size(f["size"]), f["path"], f"{f['position']} {f['layer_id'][7:19]}", f["how"] or "",
-             f"{f['wasted_by']} {(f['wasted_by_layer_id'] or '')[7:19]}"] for f in files])
+            [render.size(f["size"]), f["path"], f"{f['position']} {render.short(f['layer_id'])}", f["how"] or "",
+             f"{f['wasted_by']} {render.short(f['wasted_by_layer_id'] or '')}"] for f in files])
         if len(files) < len(report["files"]):
             click.echo(f"... and {len(report['files']) - len(files)} more (--limit 0 lists all)")
 
@@ -166,7 +166,7 @@ def render_log(rows: list[dict], all_images: bool) -> None:
     for r in rows:
         size = "" if r["size"] is None else str(r["size"])
         owner = "" if r["uid"] is None else f"{r['uid']}:{r['gid']}"
-        row = [str(r["version"]), str(r["position"]), (r["layer_id"] or "")[7:19], _op(r), r["type"] or "",
+        row = [str(r["version"]), str(r["position"]), render.short(r["layer_id"] or ""), _op(r), r["type"] or "",
                r["mode"] or "", owner, size, (r["sha256"] or "")[:12], render.trunc(r["created_by"] or "", 50)]
         if all_images:
             row = [r["image"]] + row + [render.trunc(", ".join(r["shared_with"]), 40)]
@@ -180,7 +180,7 @@ def render_patches(rows: list[dict]) -> None:
         what = " ".join(x for x in (r["type"], r["mode"], None if r["uid"] is None else f"{r['uid']}:{r['gid']}",
                                     None if r["size"] is None else f"{r['size']} bytes",
                                     r["sha256"] and "sha256:" + r["sha256"]) if x)
-        write_text(f"version {r['version']} of {r['image']}: layer {(r['layer_id'] or '')[7:19]} "
+        write_text(f"version {r['version']} of {r['image']}: layer {render.short(r['layer_id'] or '')} "
                    f"(position {r['position']}) {_op(r)}{'  ' + what if what else ''}\n\n"
                    f"    {render.trunc(r['created_by'] or '', 200)}\n\n{r['patch']}")
         write_text("\n")
@@ -194,6 +194,6 @@ def render_changes(rows: list[dict], as_json: bool, no_trunc: bool) -> None:
         if r["position"] != last:
             last = r["position"]
             cb = r["created_by"] or ""
-            write_text(f"{'' if last == rows[0]['position'] else chr(10)}{r['layer_id'][7:19]}  position {last}  "
+            write_text(f"{'' if last == rows[0]['position'] else chr(10)}{render.short(r['layer_id'])}  position {last}  "
                        f"{cb if no_trunc else render.trunc(cb, 60)}\n")
         write_text("  " + change_line(r) + "\n")

@@ -39,7 +39,7 @@ def ls_cmd(ctx, as_json, no_trunc):
         return json_rows(rows)
     table = []
     for r in rows:
-        image = r["image"] if not r["image"].startswith("sha256:") or no_trunc else r["image"][7:19]
+        image = r["image"] if not r["image"].startswith("sha256:") or no_trunc else render.short(r["image"])
         table.append([r["id"] if no_trunc else r["id"][:12], image, render.ago(r["created"]), str(r["events"]),
                       r["name"]])
     render.table(["CONTAINER ID", "IMAGE", "CREATED", "EVENTS", "NAME"], table)

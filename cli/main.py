@@ -181,7 +181,7 @@ def images(ctx, as_json, no_trunc):
         return
     table = []
     for r in rows:
-        iid = r["id"] if no_trunc else r["id"][7:19]
+        iid = r["id"] if no_trunc else render.short(r["id"])
         for t in r["repo_tags"] or ["<none>:<none>"]:
             repo, _, tg = t.rpartition(":")
             table.append([repo, tg, iid, str(r["layers"]), render.ago(r["created"]), render.size(r["size"])])
@@ -210,7 +210,7 @@ def history(ctx, image, as_json, no_trunc, changes):
         return
     table = []
     for r in rows:
-        lid = r["layer_id"][7:19] if r["layer_id"] else "<missing>"
+        lid = render.short(r["layer_id"]) if r["layer_id"] else "<missing>"
         cb = r["created_by"] or ""
         if not no_trunc:
             cb = render.trunc(cb, 60)
@@ -242,7 +242,7 @@ def view(ctx, ref, path, long, recursive, as_json):
             link = f" -> {r['link']}" if r["link"] is not None else ""
             size = r["rdev"] if "rdev" in r else (str(r["size"]) if r["size"] is not None else "-")
             out.write(f"{render.mode_string(r['type'], r['mode'])} {r['uid']:>5} {r['gid']:>5} {size:>10} "
-                      f"{render.mtime(r['mtime'])} {(r['layer_id'] or '')[7:19]:12} {name}{link}\n")
+                      f"{render.mtime(r['mtime'])} {render.short(r['layer_id'] or ''):12} {name}{link}\n")
         else:
             out.write(name + "\n")
 

@@ -13,6 +13,11 @@ from typing import Any, Callable, Sequence
 TYPE_CHAR = {"f": "-", "d": "d", "l": "l", "p": "p", "c": "c", "b": "b", "h": "h"}
 
 
+def short(digest: str | None) -> str:
+    """The 12-digit short form of 'sha256:<hex>' (or 'container:<hex>'), as docker prints ids."""
+    return digest.partition(":")[2][:12] if digest else ""
+
+
 def json_line(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n")
 

@@ -37,11 +37,11 @@ def _where(f: dict) -> str:
     if f["path"]:
         parts.append(f["path"])
     if f["layers"]:
-        parts.append("layer " + ", ".join(f"{li['position']} ({li['layer_id'][7:19]})" for li in f["layers"]))
+        parts.append("layer " + ", ".join(f"{li['position']} ({render.short(li['layer_id'])})" for li in f["layers"]))
     elif f["diff_id"]:
-        parts.append(f"diff {f['diff_id'][7:19]} (in no layer)")
+        parts.append(f"diff {render.short(f['diff_id'])} (in no layer)")
     if f["images"]:
-        parts.append("of " + ", ".join(", ".join(i["repo_tags"]) or i["id"][7:19] for i in f["images"]))
+        parts.append("of " + ", ".join(", ".join(i["repo_tags"]) or render.short(i["id"]) for i in f["images"]))
     return " ".join(parts)
 
 

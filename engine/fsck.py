@@ -220,6 +220,7 @@ class Fsck:
                       EXISTS (SELECT 1 FROM blob b WHERE b.id = d.framing),
                       count(e.seq), count(DISTINCT e.seq), coalesce(sum(CASE WHEN e.type = 'f' THEN e.size END), 0)
                FROM diff d LEFT JOIN event e ON e.diff_id = d.id AND e.kind != ? AND e.seq < d.entries
+               WHERE d.container = 0  -- a container's diff is a log of writes, not a tar
                GROUP BY d.id ORDER BY d.id""",
             (IMPLIED,),
         ):
@@ -350,7 +351,7 @@ class Fsck:
             yield self._finding(check, obj, problem + " (content no file uses)", Blame([], []))
 
     def _layer_tars(self) -> Iterator[Finding]:
-        for rowid, diff_id, tar_size in self.store.execute("SELECT id, diff_id, tar_size FROM diff ORDER BY id"):
+        for rowid, diff_id, tar_size in self.store.execute("SELECT id, diff_id, tar_size FROM diff WHERE container = 0 ORDER BY id"):
             self.counts["layer_tars"] += 1
             try:
                 for _ in checked_layer(self.store.conn, self.content, LayerRef(rowid, diff_id, tar_size)):

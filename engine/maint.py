@@ -76,6 +76,10 @@ def _remove_one(store: Store, name: str) -> Removed:
         store.execute("DELETE FROM tag WHERE name = ?", (named[0],))
         log.info("untag", image=digest, tag=named[0])
         return Removed(digest, named[:1], deleted=False)
+    users = [r[0] for r in store.execute("SELECT name FROM container WHERE image_id = ? ORDER BY name", (rowid,))]
+    if users:
+        raise UsageError(f"image {digest[7:19]} is used by container(s) {', '.join(users)}: remove them first"
+                         " (`layerdb container rm`)")
     store.execute("DELETE FROM image WHERE id = ?", (rowid,))  # tags and history cascade
     log.info("rm", image=digest, tags=tags)
     return Removed(digest, tags, deleted=True)
@@ -104,6 +108,8 @@ _LIVE_LAYERS = """
 WITH RECURSIVE live(id) AS (
     SELECT top_layer FROM image WHERE top_layer IS NOT NULL
     UNION
+    SELECT layer_id FROM container WHERE layer_id IS NOT NULL
+    UNION
     SELECT l.parent_id FROM layer l JOIN live ON l.id = live.id WHERE l.parent_id IS NOT NULL
 ) SELECT id FROM live"""
 
@@ -119,7 +125,8 @@ def collect(store: Store, chunks: ChunkStore) -> GcResult:
     with store.write():
         res.layers = _delete(store, f"DELETE FROM layer WHERE id NOT IN ({_LIVE_LAYERS})")
         log.info("gc", step="layers", removed=res.layers)
-        dead_diffs = "SELECT id FROM diff WHERE id NOT IN (SELECT diff_id FROM layer)"
+        dead_diffs = ("SELECT id FROM diff WHERE id NOT IN (SELECT diff_id FROM layer)"
+                      " AND id NOT IN (SELECT diff_id FROM container)")
         res.events = store.scalar(f"SELECT count(*) FROM event WHERE diff_id IN ({dead_diffs})")
         res.diffs = _delete(store, f"DELETE FROM diff WHERE id IN ({dead_diffs})")  # events cascade
         log.info("gc", step="diffs", removed=res.diffs, events=res.events)

@@ -51,12 +51,12 @@ class Resolved:
         if self.tags:
             return self.tags[0]
         if self.image_digest:
-            return self.image_digest[7:19]
-        return (self.chain_id or "")[7:19]
+            return short(self.image_digest)
+        return short(self.chain_id)
 
 
 def short(digest: str | None) -> str:
-    return digest[7:19] if digest else ""
+    return digest.partition(":")[2][:12] if digest else ""
 
 
 def _parse_tilde(ref: str) -> tuple[str, int]:

@@ -421,3 +421,24 @@ def test_cli_lifecycle_cp_diff_commit(tmp_path):
     assert r.exit_code == 5 and r.stderr.startswith("layerdb: error: ")
     # The committed image does not depend on the container.
     assert run_cli("cat", "--at", "site:1", "/srv/css/a.css", db_path=dbp).stdout_bytes == b"body{}"
+
+
+def test_gc_rm_and_fsck_respect_containers(tmp_path):
+    """A container keeps its image's layers and its own writes through gc; rm of its
+    image is refused with one line; fsck does not take its diff for a broken tar."""
+    from conftest import REPO_FIXTURES, run_cli
+
+    p = tmp_path / "s.sqlite"
+    assert run_cli("import", str(REPO_FIXTURES / "images" / "opaque.oci.tar"), db_path=p).exit_code == 0
+    assert run_cli("container", "create", "opaque:1.0", "--name", "c1", db_path=p).exit_code == 0
+    host = tmp_path / "note.txt"
+    host.write_bytes(b"kept through gc\n")
+    assert run_cli("cp", str(host), "c1:/note.txt", db_path=p).exit_code == 0
+    r = run_cli("rm", "opaque:1.0", db_path=p)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "c1" in r.stderr
+    r = run_cli("gc", "--json", db_path=p)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["diffs"] == 0
+    assert run_cli("cat", "--at", "c1", "/note.txt", db_path=p).stdout_bytes == b"kept through gc\n"
+    r = run_cli("fsck", "--deep", db_path=p)
+    assert r.exit_code == 0, r.stdout + r.stderr
