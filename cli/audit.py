@@ -117,7 +117,7 @@ def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, limi
     not show: overwritten or deleted by a later layer (which is named).
     """
     from layerdb.engine import audit
-    from layerdb.engine.errors import UsageError
+    from layerdb.engine.errors import UsageError, WasteCheckFailed
 
     if not ci and (lowest_efficiency is not None or highest_wasted_bytes is not None):
         raise UsageError("--lowest-efficiency and --highest-wasted-bytes need --ci")
@@ -130,7 +130,7 @@ def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, limi
     else:
         _waste_table(report, limit)
     if failures:
-        raise audit.WasteCheckFailed("waste check failed: " + "; ".join(failures))
+        raise WasteCheckFailed("waste check failed: " + "; ".join(failures))
 
 
 def _waste_table(report: dict, limit: int) -> None:

@@ -6,7 +6,6 @@ small commands start fast.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Callable, Iterable

@@ -15,7 +15,7 @@ from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
 from .export import write_dir, write_tar
-from .importer import Importer, ImportResult, Progress, normalize
+from .importer import Importer, ImportResult, Progress
 from .replay import Event, Node, View, chain_events, path_events, replay_key
 from .store import Store, default_db_path
 

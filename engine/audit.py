@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
-from .errors import LayerdbError, NotFound, UsageError
+from .errors import NotFound, UsageError
 from .importer import IGNORED, OPAQUE, PUT, WHITEOUT
 from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events, diff_events, replay_key
 
@@ -329,12 +329,6 @@ def changes(db: LayerDB, ref: str) -> list[dict]:
 
 
 # Waste -----------------------------------------------------------------------
-
-class WasteCheckFailed(LayerdbError):
-    """the image fails the waste thresholds"""
-
-    exit_code = 1
-
 
 @dataclass
 class _Put:

@@ -39,7 +39,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from . import refs
 from .content import ContentStore
-from .errors import NotFound, UsageError
+from .errors import NoSuchPath, NotFound, PathError, UsageError
 from .export import tarinfo
 from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
 from .importer import _ancestors as ancestors, _parent as parent
@@ -60,23 +60,6 @@ _INSERT = (
     "INSERT INTO event(diff_id, kind, seq, path_id, type, mode, uid, gid, mtime, size, blob_id, link, target_id,"
     " devmajor, devminor, xattrs, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-class PathError(UsageError):
-    """a container path operation failed"""
-
-    def __init__(self, code: int, path: bytes, message: str | None = None):
-        self.errno = code
-        super().__init__(f"{show(path)}: {message or os.strerror(code)}")
-
-
-class NoSuchPath(NotFound):
-    """no such file or directory"""
-
-    errno = errno.ENOENT
-
-    def __init__(self, path: bytes, message: str | None = None):
-        super().__init__(f"{show(path)}: {message or 'no such file or directory'}")
 
 
 def show(path: bytes) -> str:

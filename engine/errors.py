@@ -63,6 +63,35 @@ class AmbiguousRef(NotFound):
     """a reference matches more than one object"""
 
 
+def _show(path: bytes) -> str:
+    return "/" + path.decode("utf-8", "surrogateescape")
+
+
+class PathError(UsageError):
+    """a container path operation failed"""
+
+    def __init__(self, code: int, path: bytes, message: str | None = None):
+        import os
+
+        self.errno = code  # the FUSE mount answers with it
+        super().__init__(f"{_show(path)}: {message or os.strerror(code)}")
+
+
+class NoSuchPath(NotFound):
+    """no such file or directory"""
+
+    errno = 2  # ENOENT
+
+    def __init__(self, path: bytes, message: str | None = None):
+        super().__init__(f"{_show(path)}: {message or 'no such file or directory'}")
+
+
+class WasteCheckFailed(LayerdbError):
+    """the image fails the waste thresholds (waste --ci)"""
+
+    exit_code = 1
+
+
 class CorruptStore(StoreError):
     """stored data fails its checksum"""
 

@@ -103,7 +103,7 @@ def resolve(store: Store, ref: str) -> Resolved:
     else:
         layer = _find_layer(store, base)
         if layer is None:
-            raise NotFound(f"no image or layer matches {base!r} (see `layerdb images`)")
+            raise NotFound(f"no image, layer or container matches {base!r} (see `layerdb images`)")
         res = Resolved(ref, chain_of(store, layer))
         # Borrow an image that contains this layer, for its history (created_by).
         img = store.one(

@@ -140,7 +140,7 @@ def test_export_to_stdout_and_file_are_identical(store, tmp_path):
 def test_unknown_ref_is_one_error_line(store):
     r = run_cli("view", "--at", "nope", db_path=store)
     assert r.exit_code == 5
-    assert r.stderr == "layerdb: error: no image or layer matches 'nope' (see `layerdb images`)\n"
+    assert r.stderr == "layerdb: error: no image, layer or container matches 'nope' (see `layerdb images`)\n"
 
 
 def test_import_twice_adds_nothing(store):

@@ -63,7 +63,7 @@ def test_prefix_too_short_is_unknown(sample):
 
 
 def test_unknown_ref(sample):
-    with pytest.raises(NotFound, match="no image or layer matches 'nope:1'"):
+    with pytest.raises(NotFound, match="no image, layer or container matches 'nope:1'"):
         sample.resolve("nope:1")
 
 
