@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from typing import Any, Callable, Sequence
 
 TYPE_CHAR = {"f": "-", "d": "d", "l": "l", "p": "p", "c": "c", "b": "b", "h": "h"}
@@ -97,6 +96,8 @@ def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
         with open(path, "wb") as f:
             write(f)
         return
+    import tempfile
+
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".layerdb-", suffix=".tmp", dir=d)
     try:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from . import refs
 from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
-from .export import write_dir, write_tar
-from .importer import Importer, ImportResult, Progress
 from .replay import Event, Node, View, chain_events, path_events, replay_key
 from .store import Store, default_db_path
+
+if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
+    from .importer import ImportResult, Progress
 
 TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "h": "hardlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
 
@@ -53,6 +54,8 @@ class LayerDB:
 
     def import_archive(self, archive: str, tag: str | None = None, platform: str | None = None,
                        progress: Progress | None = None) -> ImportResult:
+        from .importer import Importer
+
         return Importer(self.store, self.content, progress).import_archive(archive, tag, platform)
 
     # Listing --------------------------------------------------------------
@@ -208,10 +211,14 @@ class LayerDB:
     # committing in between must not take contents the view still names.
 
     def export_tar(self, ref: str, out: BinaryIO, progress: Callable[[int, int], None] | None = None) -> int:
+        from .export import write_tar
+
         with self.store.read():
             return write_tar(self.view(ref), self.content, out, progress)
 
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
+        from .export import write_dir
+
         with self.store.read():
             return write_dir(self.view(ref), self.content, target, allow_devices)
 
@@ -418,7 +425,7 @@ def _snapshot(node: Node | None):
 
 
 def _timeline(p: bytes, events: list[Event], r: refs.Resolved, created_by, chain_ids) -> list[dict]:
-    from .importer import OPAQUE, PUT, WHITEOUT
+    from .kinds import OPAQUE, PUT, WHITEOUT
 
     view = View()
     out = []

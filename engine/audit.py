@@ -19,14 +19,13 @@ Nothing here prints: functions return rows (dicts, JSON-ready) for the CLI.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
-from .importer import IGNORED, OPAQUE, PUT, WHITEOUT
+from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
 from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events, diff_events, replay_key
 
 # A node's observable state, field by field, as the comparisons see it.
@@ -775,6 +774,8 @@ def patch(db: LayerDB, path: bytes, old: dict | None, new: dict) -> str:
         sizes = " -> ".join(str(v["size"]) for v in versions)
         return head + f"Contents larger than {PATCH_LIMIT} bytes not shown ({sizes} bytes)\n"
     texts = [_lines(_version_bytes(db, v)) if present else [] for v, present in ((old, a_present), (new, b_present))]
+    import difflib  # only `log -p` needs it
+
     return head + "".join(difflib.unified_diff(texts[0], texts[1], a, b))
 
 

@@ -11,8 +11,6 @@ import hashlib
 import threading
 from typing import Protocol
 
-import zstandard
-
 from .errors import CorruptStore
 
 RAW, ZSTD = 0, 1
@@ -21,18 +19,22 @@ LEVEL = 3
 _local = threading.local()
 
 
-def _cctx() -> zstandard.ZstdCompressor:
+def _cctx():
     # One compressor per thread: reuse is much faster for small inputs, and a
     # context must not be shared between threads.
     c = getattr(_local, "cctx", None)
     if c is None:
+        import zstandard  # loaded on first use: commands that read no contents skip it
+
         c = _local.cctx = zstandard.ZstdCompressor(level=LEVEL)
     return c
 
 
-def _dctx() -> zstandard.ZstdDecompressor:
+def _dctx():
     d = getattr(_local, "dctx", None)
     if d is None:
+        import zstandard
+
         d = _local.dctx = zstandard.ZstdDecompressor()
     return d
 
@@ -47,6 +49,8 @@ def decode(codec: int, data: bytes, size: int) -> bytes:
     if codec == RAW:
         out = bytes(data)
     elif codec == ZSTD:
+        import zstandard
+
         try:
             # The stored raw size is the bound; never trust the frame header.
             out = _dctx().decompress(data, max_output_size=size)

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from .content import ContentStore
 from .errors import CorruptStore
-from .importer import IGNORED, IMPLIED
+from .kinds import IGNORED, IMPLIED
 from .save import LayerRef, checked_layer
 from .store import Store
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 
+from .refs import normalize_tag
+from .kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
 from .log import get_logger
 from .archive import Archive, ImageSource, LayerSource, LayerStream
 from .content import ContentStore
@@ -19,8 +21,6 @@ from .tarstream import TarReader
 
 log = get_logger("layerdb.import")
 
-OPAQUE, WHITEOUT, IMPLIED, PUT, IGNORED = 0, 1, 2, 3, 4
-KIND_NAMES = {OPAQUE: "opaque", WHITEOUT: "whiteout", IMPLIED: "implied", PUT: "put", IGNORED: "ignored"}
 WH = b".wh."
 OPQ = b".wh..wh..opq"
 MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
@@ -329,14 +329,6 @@ class Importer:
         log.info("layer", diff_id=src.diff_id, entries=entries, tar_bytes=stream.tar.count,
                  compression=stream.compression)
         return DiffResult(diff_rowid, src.diff_id, True, stream.tar.count, file_bytes, entries)
-
-
-def normalize_tag(t: str) -> str:
-    """'name' -> 'name:latest'; a tag is what follows ':' in the last path part."""
-    last = t.rsplit("/", 1)[-1]
-    if "@" in t:
-        return t
-    return t if ":" in last else t + ":latest"
 
 
 def _str(v) -> str | None:

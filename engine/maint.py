@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from . import refs
 from .chunks import ChunkStore
 from .errors import NotFound, UsageError
-from .importer import normalize_tag
 from .log import get_logger
 from .store import BUSY_TIMEOUT_MS, Store
 
@@ -70,7 +69,7 @@ def _remove_one(store: Store, name: str) -> Removed:
         raise NotFound(f"no image matches {name!r} (see `layerdb images`)")
     rowid, digest, _ = found
     tags = refs.image_tags(store, rowid)
-    want = normalize_tag(name)
+    want = refs.normalize_tag(name)
     named = [t for t in tags if t == want or t.endswith("/" + want)]
     if named and len(tags) > 1:
         store.execute("DELETE FROM tag WHERE name = ?", (named[0],))

@@ -55,6 +55,14 @@ class Resolved:
         return short(self.chain_id)
 
 
+def normalize_tag(t: str) -> str:
+    """'name' -> 'name:latest'; a tag is what follows ':' in the last path part."""
+    last = t.rsplit("/", 1)[-1]
+    if "@" in t:
+        return t
+    return t if ":" in last else t + ":latest"
+
+
 def short(digest: str | None) -> str:
     return digest.partition(":")[2][:12] if digest else ""
 
@@ -159,8 +167,6 @@ def _check_unique(store: Store, name: str, ctr) -> None:
 
 
 def _find_image(store: Store, name: str):
-    from .importer import normalize_tag
-
     exact = store.one(
         "SELECT i.id, i.digest, i.top_layer FROM tag t JOIN image i ON i.id = t.image_id WHERE t.name = ?",
         (normalize_tag(name),),

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .importer import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
+from .kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
 
 
 class Node:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .chunks import encode
 from .content import ContentStore
-from .importer import IGNORED
+from .kinds import IGNORED
 from .store import Store
 
 # Each image's chain, from its top layer down; UNION stops at a (damaged) cycle.
