@@ -18,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
 import peers  # noqa: E402
-from common import MiB, Result, alternate, ldb, log, median, parser, report, rmtree, run, scratch, store_size  # noqa: E402
+from common import (MiB, Result, alternate, ldb, log, median, parser, report, rmtree, run, scratch,  # noqa: E402
+                    store_size)
 
 BIG = "/data/big.bin"
 LIMIT_GROWTH = 2 * MiB

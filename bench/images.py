@@ -128,7 +128,8 @@ def _site(version: int) -> Callable[[Path], None]:
                 body = body.replace("value", f"value{version}")
             _write(root, f"var/www/html/page{i}.html", body)
         for i in range(10):
-            _write(root, f"var/www/html/img/photo{i}.jpg", random.Random(i + 10 * (version > 1 and i < 2)).randbytes(60_000))
+            seed = i + 10 if version > 1 and i < 2 else i  # v2 replaces two photos
+            _write(root, f"var/www/html/img/photo{i}.jpg", random.Random(seed).randbytes(60_000))
 
     return make
 

@@ -49,15 +49,41 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+MARK = "<!-- results:"
+
+
+def results_section(head: dict, warning: str | None, results: list[Result], runs: int) -> str:
+    lines = [f"Run of {head['date']} on {head['nproc']} cores ({head['cpu']}), {head['ram_gib']} GiB RAM, "
+             f"Linux {head['kernel']}, Python {head['python']}; {head['layerdb']}, code {head['code']} "
+             f"(git HEAD + hash of engine/ and cli/ on disk); {runs} rounds or more, medians.", ""]
+    if warning:
+        lines += [f"Warning: {warning}.", ""]
+    return "\n".join(lines) + "\n" + markdown(results) + "\n"
+
+
+def write_readme(section: str) -> None:
+    """Replace everything after the results marker in bench/README.md."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    i = text.index(MARK)
+    j = text.index("\n", i) + 1
+    with open(README, "w", encoding="utf-8") as f:
+        f.write(text[:j] + "\n" + section)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--only", help="comma-separated: " + ",".join(BENCHES))
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table for the README")
+    p.add_argument("--readme", action="store_true", help="write the results into bench/README.md")
     a = p.parse_args()
     names = a.only.split(",") if a.only else list(BENCHES)
     unknown = set(names) - set(BENCHES)
     if unknown:
         p.error(f"unknown bench: {', '.join(sorted(unknown))}")
+    if a.readme and a.only:
+        p.error("--readme writes the whole results table: run every bench (no --only)")
     m = machine()
     try:
         version = capture(layerdb_cmd() + ["--version"]).strip()
@@ -83,6 +109,7 @@ def main() -> None:
             rs = [Result(n, f"{n}: the bench failed (see the traceback on stderr)", None, "", None, None, failed=True)]
         report(rs, a.json)
         results.extend(rs)
+    msg = None
     if code_fingerprint() != code:
         msg = f"the engine or CLI sources changed during the run (was {code}, now {code_fingerprint()})"
         log("warning: " + msg)
@@ -98,6 +125,8 @@ def main() -> None:
     if a.markdown:
         print()
         print(markdown(results))
+    if a.readme:
+        write_readme(results_section(head, msg, results, a.runs))
     sys.exit(1 if failed else 0)
 
 
