@@ -192,6 +192,26 @@ class ContentStore:
             self._cache.popitem(last=False)
         return data
 
+    def locate(self, blob_ids: Iterable[int]) -> dict[int, tuple[bytes, int]]:
+        """Where packed contents lie: {blob id: (pack, offset)}, for many at once.
+        Export asks once for a whole view instead of once per file."""
+        out: dict[int, tuple[bytes, int]] = {}
+        ids = sorted(set(blob_ids))
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for bid, chunk, offset in self.conn.execute(
+                f"SELECT id, chunk, offset FROM blob WHERE id IN ({marks}) AND chunk IS NOT NULL", part
+            ):
+                out[bid] = (chunk, offset)
+        return out
+
+    def read_packed(self, chunk: bytes, offset: int, size: int) -> bytes:
+        data = self._chunk(chunk)
+        if offset + size > len(data):
+            raise CorruptStore(f"a content lies outside its pack {chunk.hex()}")
+        return data[offset : offset + size]
+
     def iter_blob(self, blob_id: int) -> Iterator[bytes]:
         """The contents, piece by piece (at most one chunk in memory)."""
         row = self.conn.execute("SELECT size, chunk, offset FROM blob WHERE id = ?", (blob_id,)).fetchone()
