@@ -226,6 +226,11 @@ class ContentStore:
                 raise CorruptStore(f"content {blob_id} lies outside its pack")
             yield data[offset : offset + size]
             return
+        yield from self.iter_chunks(blob_id)
+
+    def iter_chunks(self, blob_id: int) -> Iterator[bytes]:
+        """A large content's chunks, through the chunk store only (no cache: safe
+        on a second thread)."""
         shas = [r[0] for r in self.conn.execute("SELECT chunk FROM blob_chunk WHERE blob_id = ? ORDER BY seq", (blob_id,))]
         if not shas:
             raise CorruptStore(f"content {blob_id} has no chunks")

@@ -51,48 +51,117 @@ TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE
 def write_tar(view: View, content: ContentStore, out: BinaryIO,
               progress: Callable[[int, int], None] | None = None) -> int:
     """Stream the view as a tar; hard-linked names after the first become tar hard links."""
+    entries = list(view.walk())
     first_name: dict[int, bytes] = {}
-    total = len(view.nodes) - 1
+    packed = content.locate(node.blob_id for node in view.nodes.values() if node.type == "f" and node.size)
+    large: list[Node] = []  # contents cut into chunks, in the order they go out
+    for path, node in entries:
+        if node.type == "f" and id(node) not in first_name:
+            first_name[id(node)] = path
+            if node.size and node.blob_id not in packed:
+                large.append(node)
+    first_name.clear()
+    total = len(entries)
     n = 0
     write = out.write
-    packed = content.locate(node.blob_id for node in view.nodes.values() if node.type == "f" and node.size)
-    for path, node in view.walk():
-        n += 1
-        name = path + b"/" if node.type == "d" else path
-        kw = dict(mode=node.mode or 0, uid=node.uid or 0, gid=node.gid or 0, mtime=node.mtime or 0,
-                  xattrs=node.xattr_dict() if node.xattrs else None)
-        if node.type != "d":
-            key = id(node)
-            if key in first_name:
-                write(tw.header(name, tw.LNKTYPE, linkname=first_name[key], **kw))
-                continue
-            first_name[key] = path
-        if node.type == "f":
-            size = node.size or 0
-            write(tw.header(name, tw.REGTYPE, size=size, **kw))
-            if size:
-                got = 0
-                where = packed.get(node.blob_id)
-                pieces = [content.read_packed(where[0], where[1], size)] if where else content.iter_blob(node.blob_id)
-                for piece in pieces:
-                    write(piece)
-                    got += len(piece)
-                if got != size:
-                    raise CorruptStore(f"/{_s(path)}: the store holds {got} bytes, the view says {size}")
-                write(tw.padding(size))
-        elif node.type == "l":
-            write(tw.header(name, tw.SYMTYPE, linkname=node.link or b"", **kw))
-        elif node.type in ("c", "b"):
-            write(tw.header(name, TAR_FLAGS[node.type], devmajor=node.devmajor or 0, devminor=node.devminor or 0,
-                            **kw))
-        else:
-            write(tw.header(name, TAR_FLAGS[node.type], **kw))
-        if progress and n % 500 == 0:
-            progress(n, total)
+    with _Prefetch(content, large) as fetched:
+        for path, node in entries:
+            n += 1
+            name = path + b"/" if node.type == "d" else path
+            kw = dict(mode=node.mode or 0, uid=node.uid or 0, gid=node.gid or 0, mtime=node.mtime or 0,
+                      xattrs=node.xattr_dict() if node.xattrs else None)
+            if node.type != "d":
+                key = id(node)
+                if key in first_name:
+                    write(tw.header(name, tw.LNKTYPE, linkname=first_name[key], **kw))
+                    continue
+                first_name[key] = path
+            if node.type == "f":
+                size = node.size or 0
+                write(tw.header(name, tw.REGTYPE, size=size, **kw))
+                if size:
+                    got = 0
+                    where = packed.get(node.blob_id)
+                    # A pack is decoded once for all its files (the content cache): inline.
+                    pieces = [content.read_packed(where[0], where[1], size)] if where else fetched.pieces()
+                    for piece in pieces:
+                        write(piece)
+                        got += len(piece)
+                    if got != size:
+                        raise CorruptStore(f"/{_s(path)}: the store holds {got} bytes, the view says {size}")
+                    write(tw.padding(size))
+            elif node.type == "l":
+                write(tw.header(name, tw.SYMTYPE, linkname=node.link or b"", **kw))
+            elif node.type in ("c", "b"):
+                write(tw.header(name, TAR_FLAGS[node.type], devmajor=node.devmajor or 0,
+                                devminor=node.devminor or 0, **kw))
+            else:
+                write(tw.header(name, TAR_FLAGS[node.type], **kw))
+            if progress and n % 500 == 0:
+                progress(n, total)
     write(tw.END)
     if progress:
         progress(n, total)
     return n
+
+
+class _Prefetch:
+    """Reads, decompresses and verifies large contents on a helper thread, a few
+    MiB ahead of the writer: zstd and sha256 release the GIL, so the second core
+    does that work while this one writes headers and bytes.  It reads chunks
+    through the chunk store only (apsw serialises the two threads' queries)."""
+
+    AHEAD = 16 << 20  # bytes decoded but not yet written
+
+    def __init__(self, content: ContentStore, files: list[Node]):
+        import queue
+        import threading
+
+        self.content, self.files = content, files
+        self.q: queue.Queue = queue.Queue()
+        self.room = threading.Semaphore(self.AHEAD >> 16)  # in 64 KiB credits
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, name="layerdb-export", daemon=True)
+
+    def __enter__(self) -> "_Prefetch":
+        if self.files:
+            self.t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.files:
+            return
+        self.stop.set()
+        for _ in range(1 << 12):  # wake a producer waiting for room
+            self.room.release()
+        self.t.join()
+
+    def _credits(self, piece: bytes) -> int:
+        return max(1, len(piece) >> 16)
+
+    def _run(self) -> None:
+        try:
+            for node in self.files:
+                for piece in self.content.iter_chunks(node.blob_id):
+                    for _ in range(self._credits(piece)):
+                        self.room.acquire()
+                    if self.stop.is_set():
+                        return
+                    self.q.put(piece)
+                self.q.put(None)  # end of this file
+        except BaseException as e:  # handed to the writer, which raises it
+            self.q.put(e)
+
+    def pieces(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            for _ in range(self._credits(item)):
+                self.room.release()
+            yield item
 
 
 # Directory export --------------------------------------------------------------

@@ -162,3 +162,23 @@ def test_export_to_dev_null_keeps_the_device(store):
 
     assert run_cli("export", "--at", "sample:1.0", "-o", os.devnull, db_path=store).exit_code == 0
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_export_of_a_damaged_large_file_fails_with_one_line(store, tmp_path):
+    """busybox is cut into chunks and read ahead on a helper thread: a damaged chunk
+    still stops the export with one error line and leaves no file behind."""
+    import apsw
+
+    conn = apsw.Connection(str(store))
+    sha, size, codec, data = conn.execute(
+        """SELECT c.sha256, c.size, c.codec, c.data FROM blob_chunk bc JOIN chunk c ON c.sha256 = bc.chunk
+           ORDER BY bc.blob_id, bc.seq LIMIT 1 OFFSET 1""").fetchone()
+    raw = bytearray(data if codec == 0 else __import__("zstandard").ZstdDecompressor().decompress(data, max_output_size=size))
+    raw[100] ^= 0xFF
+    conn.execute("UPDATE chunk SET codec = 0, data = ? WHERE sha256 = ?", (bytes(raw), sha))
+    conn.close()
+    out = tmp_path / "v.tar"
+    r = run_cli("export", "--at", "sample:1.0", "-o", str(out), db_path=store)
+    assert r.exit_code == 6
+    assert r.stderr.count("\n") == 1 and "sha256 mismatch" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".layerdb-*"))
