@@ -159,3 +159,50 @@ def test_rm_killed_at_random_points(setup, tmp_path):
 def test_gc_killed_at_random_points(setup, tmp_path):
     out = run_kills(setup, tmp_path, 10, "removed", "collected", ["gc"], max_events=5, max_delay=0.01)
     print(f"gc kills (seed {SEED}): {out}")
+
+
+def test_commit_killed_at_random_points(tmp_path):
+    """`commit` seals a container in one transaction: killed anywhere, the store
+    has either no new image or the whole of it, and a rerun commits."""
+    from conftest import manifest_of_tar_bytes, run_cli
+
+    from layerdb.engine.api import LayerDB
+
+    rng = random.Random(f"{SEED}-commit")
+    base = tmp_path / "base.sqlite"
+    with LayerDB(base) as db:
+        db.import_archive(str(IMAGES / "sample2.oci.tar"))
+    payload = tmp_path / "big.bin"
+    payload.write_bytes(random.Random(7).randbytes(24 << 20))  # big enough that kills land mid-commit
+    for args in (["container", "create", "sample2:1.0", "--name", "c1"], ["cp", str(payload), "c1:/srv/big.bin"]):
+        r = run_cli(*args, db_path=base)
+        assert r.exit_code == 0, r.stderr
+    before = dump(base)
+    ref = copy_store(base, tmp_path / "ref.sqlite")
+    t = time.monotonic()
+    assert run_cli("commit", "c1", "new:1", db_path=ref).exit_code == 0
+    took = time.monotonic() - t
+    with LayerDB(ref) as db:
+        want = manifest_of_tar_bytes(export_bytes(db, "new:1"), tmp_path)
+    outcomes: dict[str, int] = {}
+    for i in range(8):
+        db_path = copy_store(base, tmp_path / f"c{i}.sqlite")
+        p = subprocess.Popen(argv(db_path, "commit", "c1", "new:1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=cli_env(db_path.parent))
+        time.sleep(rng.uniform(0, took * 1.2))
+        p.send_signal(signal.SIGKILL)
+        how = "killed" if p.wait(timeout=60) == -signal.SIGKILL else "finished"
+        check_store(db_path)
+        with LayerDB(db_path) as db:
+            tags = {t for img in db.images() for t in img["repo_tags"]}
+        if "new:1:latest" in tags or "new:1" in tags:
+            state = "after"
+        else:
+            assert dump(db_path) == before, f"killed commit left a partial store (seed {SEED})"
+            state = "before"
+            r = run_cli("commit", "c1", "new:1", db_path=db_path)
+            assert r.exit_code == 0, f"commit after a kill: {r.stderr} (seed {SEED})"
+        with LayerDB(db_path) as db:
+            assert manifest_of_tar_bytes(export_bytes(db, "new:1"), tmp_path) == want, f"seed {SEED}"
+        outcomes[f"{how} -> {state}"] = outcomes.get(f"{how} -> {state}", 0) + 1
+    print(f"commit kills (seed {SEED}): {outcomes}")
