@@ -54,11 +54,9 @@ class LayerdbGroup(click.Group):
 
 
 def _configure_logging(fmt: str, verbose: int) -> None:
-    import logging
-
     from layerdb.engine import log
 
-    level = logging.WARNING - 10 * min(verbose, 2)
+    level = log.WARNING - 10 * min(verbose, 2)
 
     def setup() -> None:  # runs on the first log event that passes the level
         import structlog

@@ -252,8 +252,6 @@ class LayerDB:
         all_images: one timeline per image whose chain touches the path.
         patch: each row gets a git-style `patch` from the previous version.
         """
-        from . import audit
-
         p = parse_path(path)
         if not p:
             raise UsageError("log needs a path below /")
@@ -261,6 +259,8 @@ class LayerDB:
             raise UsageError("give either --image or --all, not both")
         with self.store.read():
             if all_images:
+                from . import audit
+
                 rows = audit.log_all(self, p)
                 if not rows:
                     raise NotFound(f"{show_path(p)}: no stored image ever held this path")
@@ -275,6 +275,8 @@ class LayerDB:
                 for i, row in enumerate(rows, 1):
                     row["version"] = i
             if patch:
+                from . import audit
+
                 audit.add_patches(self, p, rows)
         return rows
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,6 +47,8 @@ def default_db_path() -> Path:
 
 
 def schema_sql() -> str:
+    from importlib import resources  # only when a store is created
+
     return resources.files("layerdb.engine").joinpath("schema.sql").read_text(encoding="utf-8")
 
 

@@ -127,10 +127,12 @@ def problems(db: Path) -> list[str]:
                 n = len(json.loads(config)["rootfs"]["diff_ids"])
                 if (top_pos or 0) != n:
                     out.append(f"image {digest}: chain of {top_pos} layers for {n} diff_ids")
-            out += [f"diff {d}: no framing" for (d,) in x("SELECT diff_id FROM diff WHERE framing IS NULL")]
+            # A container's diff is a log of writes, not a tar: it has no framing.
+            out += [f"diff {d}: no framing" for (d,) in x(
+                "SELECT diff_id FROM diff WHERE framing IS NULL AND container = 0")]
             for d, entries, events in x(
                 "SELECT d.diff_id, d.entries, (SELECT count(*) FROM event e WHERE e.diff_id = d.id AND e.kind != 2"
-                " AND e.seq < d.entries) FROM diff d"
+                " AND e.seq < d.entries) FROM diff d WHERE d.container = 0"
             ):
                 if entries != events:
                     out.append(f"diff {d}: {entries} tar entries, {events} events")
