@@ -17,7 +17,6 @@ why importing defers foreign-key checks to commit.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import hashlib
 import io
 from typing import Iterable, Iterator
@@ -48,7 +47,7 @@ class ContentStore:
     def __init__(self, conn, chunks: ChunkStore):
         self.conn = conn
         self.chunks = chunks
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool = None  # a ThreadPoolExecutor, started by the first write
         self._inflight: collections.deque = collections.deque()
         self._pending: dict[bytes, int] = {}  # sha -> blob id, for blobs whose rows are not inserted yet
         self._pending_chunks: set[bytes] = set()
@@ -109,6 +108,8 @@ class ContentStore:
     def _submit(self, raw: bytes, on_done) -> None:
         """Compress raw on the worker; on_done(sha, encoded) runs on this thread."""
         if self._pool is None:
+            import concurrent.futures  # writers only: readers start faster without it
+
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerdb-zstd")
         self._inflight.append((self._pool.submit(_hash_encode, raw), on_done))
         while len(self._inflight) > MAX_IN_FLIGHT:
