@@ -86,9 +86,7 @@ def reader(cfg: dict, me: int) -> None:
             buf = io.BytesIO()
             db.export_tar(OLD, buf)
             assert tar_manifest(buf.getvalue(), tmp) == old_view, "export of the old image"
-            if not cfg.get("read_new", True):
-                pass
-            else:
+            if cfg.get("read_new", True):
                 try:
                     db.resolve(NEW)
                 except NotFound:
