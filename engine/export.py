@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -45,6 +46,10 @@ def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
     return ti
 
 
+# Packs (1 MiB each) kept decoded while later files still need them; beyond
+# this, the oldest is dropped and read again if wanted (memory stays flat).
+MAX_HELD_PACKS = 32
+
 TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE}
 
 
@@ -54,17 +59,29 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
     entries = list(view.walk())
     first_name: dict[int, bytes] = {}
     packed = content.locate(node.blob_id for node in view.nodes.values() if node.type == "f" and node.size)
-    large: list[Node] = []  # contents cut into chunks, in the order they go out
+    # What the helper thread decodes, in the order the writer needs it: each
+    # pack once, where its first file goes out, and every large content.
+    work: list[tuple[str, object]] = []
+    uses: dict[bytes, int] = {}  # pack -> files still to write from it
     for path, node in entries:
         if node.type == "f" and id(node) not in first_name:
             first_name[id(node)] = path
-            if node.size and node.blob_id not in packed:
-                large.append(node)
+            if not node.size:
+                continue
+            where = packed.get(node.blob_id)
+            if where is None:
+                work.append(("large", node))
+            else:
+                if where[0] not in uses:
+                    work.append(("pack", where[0]))
+                uses[where[0]] = uses.get(where[0], 0) + 1
     first_name.clear()
+    decoded: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+    evicted: set[bytes] = set()
     total = len(entries)
     n = 0
     write = out.write
-    with _Prefetch(content, large) as fetched:
+    with _Prefetch(content, work) as fetched:
         for path, node in entries:
             n += 1
             name = path + b"/" if node.type == "d" else path
@@ -82,8 +99,24 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                 if size:
                     got = 0
                     where = packed.get(node.blob_id)
-                    # A pack is decoded once for all its files (the content cache): inline.
-                    pieces = [content.read_packed(where[0], where[1], size)] if where else fetched.pieces()
+                    if where is None:
+                        pieces = fetched.pieces()
+                    else:
+                        pack, offset = where
+                        if pack in decoded:
+                            data = decoded[pack]
+                        elif pack in evicted:  # dropped to bound memory: read it again, here
+                            data = content.chunks.get(pack)
+                        else:
+                            data = decoded[pack] = fetched.pack()
+                            if len(decoded) > MAX_HELD_PACKS:
+                                evicted.add(decoded.popitem(last=False)[0])
+                        if offset + size > len(data):
+                            raise CorruptStore(f"/{_s(path)}: its content lies outside its pack")
+                        pieces = [data[offset : offset + size]]
+                        uses[pack] -= 1
+                        if not uses[pack]:
+                            decoded.pop(pack, None)  # its last file: memory holds packs still in use
                     for piece in pieces:
                         write(piece)
                         got += len(piece)
@@ -106,14 +139,14 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
 
 
 class _Prefetch:
-    """Reads, decompresses and verifies large contents on a helper thread, a few
-    MiB ahead of the writer: zstd and sha256 release the GIL, so the second core
-    does that work while this one writes headers and bytes.  It reads chunks
-    through the chunk store only (apsw serialises the two threads' queries)."""
+    """Reads, decompresses and verifies packs and large contents on a helper
+    thread, a few MiB ahead of the writer: zstd and sha256 release the GIL, so
+    the second core does that work while this one writes headers and bytes.  It
+    reads through the chunk store only (apsw serialises the two threads' queries)."""
 
     AHEAD = 16 << 20  # bytes decoded but not yet written
 
-    def __init__(self, content: ContentStore, files: list[Node]):
+    def __init__(self, content: ContentStore, files: list[tuple[str, object]]):
         import queue
         import threading
 
@@ -141,16 +174,24 @@ class _Prefetch:
 
     def _run(self) -> None:
         try:
-            for node in self.files:
-                for piece in self.content.iter_chunks(node.blob_id):
+            for kind, what in self.files:
+                if kind == "pack":
+                    pieces = [self.content.chunks.get(what)]  # decoded and checked here, off the writer's thread
+                else:
+                    pieces = self.content.iter_chunks(what.blob_id)
+                for piece in pieces:
                     for _ in range(self._credits(piece)):
                         self.room.acquire()
                     if self.stop.is_set():
                         return
                     self.q.put(piece)
-                self.q.put(None)  # end of this file
+                self.q.put(None)  # end of this item
         except BaseException as e:  # handed to the writer, which raises it
             self.q.put(e)
+
+    def pack(self) -> bytes:
+        """The next pack, whole (the writer keeps it while its files go out)."""
+        return b"".join(self.pieces())
 
     def pieces(self):
         while True:
