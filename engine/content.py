@@ -229,13 +229,16 @@ class ContentStore:
             return
         yield from self.iter_chunks(blob_id)
 
-    def iter_chunks(self, blob_id: int) -> Iterator[bytes]:
-        """A large content's chunks, through the chunk store only (no cache: safe
-        on a second thread)."""
+    def chunk_list(self, blob_id: int) -> list[bytes]:
+        """The chunk ids of a large content, in order."""
         shas = [r[0] for r in self.conn.execute("SELECT chunk FROM blob_chunk WHERE blob_id = ? ORDER BY seq", (blob_id,))]
         if not shas:
             raise CorruptStore(f"content {blob_id} has no chunks")
-        for sha in shas:
+        return shas
+
+    def iter_chunks(self, blob_id: int) -> Iterator[bytes]:
+        """A large content's chunks, through the chunk store only (no cache)."""
+        for sha in self.chunk_list(blob_id):
             yield self.chunks.get(sha)
 
     def open_blob(self, blob_id: int) -> io.BufferedReader:

@@ -61,8 +61,9 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
     packed = content.locate(node.blob_id for node in view.nodes.values() if node.type == "f" and node.size)
     # What the helper thread decodes, in the order the writer needs it: each
     # pack once, where its first file goes out, and every large content.
-    work: list[tuple[str, object]] = []
+    work: list[bytes] = []  # chunk ids
     uses: dict[bytes, int] = {}  # pack -> files still to write from it
+    chunk_count: dict[int, int] = {}  # large content -> its number of chunks
     for path, node in entries:
         if node.type == "f" and id(node) not in first_name:
             first_name[id(node)] = path
@@ -70,10 +71,12 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                 continue
             where = packed.get(node.blob_id)
             if where is None:
-                work.append(("large", node))
+                shas = content.chunk_list(node.blob_id)
+                chunk_count[node.blob_id] = len(shas)
+                work.extend(shas)
             else:
                 if where[0] not in uses:
-                    work.append(("pack", where[0]))
+                    work.append(where[0])
                 uses[where[0]] = uses.get(where[0], 0) + 1
     first_name.clear()
     decoded: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
@@ -100,7 +103,7 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                     got = 0
                     where = packed.get(node.blob_id)
                     if where is None:
-                        pieces = fetched.pieces()
+                        pieces = (fetched.next() for _ in range(chunk_count[node.blob_id]))
                     else:
                         pack, offset = where
                         if pack in decoded:
@@ -108,7 +111,7 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                         elif pack in evicted:  # dropped to bound memory: read it again, here
                             data = content.chunks.get(pack)
                         else:
-                            data = decoded[pack] = fetched.pack()
+                            data = decoded[pack] = fetched.next()
                             if len(decoded) > MAX_HELD_PACKS:
                                 evicted.add(decoded.popitem(last=False)[0])
                         if offset + size > len(data):
@@ -139,70 +142,45 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
 
 
 class _Prefetch:
-    """Reads, decompresses and verifies packs and large contents on a helper
-    thread, a few MiB ahead of the writer: zstd and sha256 release the GIL, so
-    the second core does that work while this one writes headers and bytes.  It
-    reads through the chunk store only (apsw serialises the two threads' queries)."""
+    """Decodes and verifies chunks (packs and pieces of large contents) on two
+    helper threads, up to AHEAD chunks ahead of the writer, in the writer's
+    order: zstd and sha256 release the GIL, so the work spreads over the cores
+    while this thread writes.  Helpers read through the chunk store only (apsw
+    serialises their queries); nothing else of the content store is shared."""
 
-    AHEAD = 16 << 20  # bytes decoded but not yet written
+    AHEAD = 16  # chunks of at most 1 MiB: bounds memory
 
-    def __init__(self, content: ContentStore, files: list[tuple[str, object]]):
-        import queue
-        import threading
-
-        self.content, self.files = content, files
-        self.q: queue.Queue = queue.Queue()
-        self.room = threading.Semaphore(self.AHEAD >> 16)  # in 64 KiB credits
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self._run, name="layerdb-export", daemon=True)
+    def __init__(self, content: ContentStore, work: list[bytes]):
+        self.get = content.chunks.get
+        self.work = iter(work)
+        self.has_work = bool(work)
+        self.pending: collections.deque = collections.deque()
+        self.pool = None
 
     def __enter__(self) -> "_Prefetch":
-        if self.files:
-            self.t.start()
+        if self.has_work:
+            import concurrent.futures
+
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="layerdb-export")
+            for _ in range(self.AHEAD):
+                self._submit()
         return self
 
+    def _submit(self) -> None:
+        sha = next(self.work, None)
+        if sha is not None:
+            self.pending.append(self.pool.submit(self.get, sha))
+
+    def next(self) -> bytes:
+        data = self.pending.popleft().result()  # raises what the helper raised
+        self._submit()
+        return data
+
     def __exit__(self, *exc: object) -> None:
-        if not self.files:
-            return
-        self.stop.set()
-        for _ in range(1 << 12):  # wake a producer waiting for room
-            self.room.release()
-        self.t.join()
-
-    def _credits(self, piece: bytes) -> int:
-        return max(1, len(piece) >> 16)
-
-    def _run(self) -> None:
-        try:
-            for kind, what in self.files:
-                if kind == "pack":
-                    pieces = [self.content.chunks.get(what)]  # decoded and checked here, off the writer's thread
-                else:
-                    pieces = self.content.iter_chunks(what.blob_id)
-                for piece in pieces:
-                    for _ in range(self._credits(piece)):
-                        self.room.acquire()
-                    if self.stop.is_set():
-                        return
-                    self.q.put(piece)
-                self.q.put(None)  # end of this item
-        except BaseException as e:  # handed to the writer, which raises it
-            self.q.put(e)
-
-    def pack(self) -> bytes:
-        """The next pack, whole (the writer keeps it while its files go out)."""
-        return b"".join(self.pieces())
-
-    def pieces(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            for _ in range(self._credits(item)):
-                self.room.release()
-            yield item
+        if self.pool is not None:
+            for f in self.pending:
+                f.cancel()
+            self.pool.shutdown(wait=True)
 
 
 # Directory export --------------------------------------------------------------
