@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
-from common import MiB, Result, alternate, capture, ldb, log, median, parser, report, rmtree, run, scratch  # noqa: E402
+from common import MiB, Result, alternate, capture, ldb, log, main_for, median, rmtree, run, scratch  # noqa: E402
 
 CASES = [(images.DEB_PYTHON, "Debian+python3"), ("smallfiles", "20k small files"), ("bigfile-2", "150 MiB file")]
 
@@ -57,10 +57,5 @@ def run_bench(runs: int) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

@@ -27,8 +27,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
-from common import (BENCH, Result, alternate, capture, layerdb_python, ldb, log, median, parser,  # noqa: E402
-                    report, rmtree, run, scratch, store_size)
+from common import (  # noqa: E402
+    BENCH, Result, alternate, capture, layerdb_python, ldb, log, main_for, median, rmtree, run, scratch, store_size,
+)
 
 LOG_PATH = "/" + images.CHAIN_HOT
 FIND_PATH = "usr/lib/x86_64-linux-gnu/libssl.so.3"
@@ -108,7 +109,7 @@ def bench_find(work, runs: int) -> list[Result]:
                 tars.append(t)
     peer = [sys.executable, BENCH / "tarscan.py", want] + tars
     peer_hits = len(capture(peer).splitlines())
-    what = f"find --sha256 (libssl.so.3) over the family, 5 images"
+    what = "find --sha256 (libssl.so.3) over the family, 5 images"
     if not has_command(db, "find"):
         note = "layerdb has no `find` command yet"
         return [Result("log_find", f"{what} vs hashing every file in {len(tars)} layer tars", None,
@@ -146,10 +147,5 @@ def run_bench(runs: int) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

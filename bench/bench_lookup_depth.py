@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
-from common import Result, alternate, capture, ldb, log, median, parser, report, rmtree, run, scratch  # noqa: E402
+from common import Result, alternate, capture, ldb, log, main_for, median, rmtree, run, scratch  # noqa: E402
 
 TOP = "bench/chain:100"
 DEEP = f"{TOP}~{images.CHAIN_LAYERS - 2}"
@@ -44,10 +44,5 @@ def run_bench(runs: int) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

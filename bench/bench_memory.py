@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
-from common import MiB, Result, ldb, log, parser, report, rmtree, run, scratch  # noqa: E402
+from common import MiB, Result, ldb, log, main_for, rmtree, run, scratch  # noqa: E402
 
 LIMIT = 100 * MiB
 CASES = [  # (slug, why)
@@ -55,10 +55,5 @@ def run_bench(runs: int) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

@@ -13,8 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
-from common import (Result, alternate, layerdb_cmd, layerdb_python, ldb, log, median, parser, report,  # noqa: E402
-                    rmtree, run, scratch)
+from common import Result, alternate, layerdb_cmd, layerdb_python, ldb, log, main_for, median, rmtree, run, scratch  # noqa: E402
 
 LIMIT = 0.150
 SMALL = "/etc/debian_version"
@@ -43,10 +42,5 @@ def run_bench(runs: int) -> list[Result]:
                    1.0, extra={"tar -xOf base layer tar": f"{median(t['tar']) * 1000:.1f} ms"})]
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
 import peers  # noqa: E402
-from common import MiB, Result, layerdb_stats, ldb, log, parser, report, rmtree, run, scratch, store_size  # noqa: E402
+from common import MiB, Result, layerdb_stats, ldb, log, main_for, rmtree, run, scratch, store_size  # noqa: E402
 
 
 def run_bench(runs: int = 1) -> list[Result]:
@@ -59,10 +59,5 @@ def run_bench(runs: int = 1) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

@@ -18,8 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import images  # noqa: E402
 import peers  # noqa: E402
-from common import (MiB, Result, alternate, ldb, log, median, parser, report, rmtree, run, scratch,  # noqa: E402
-                    store_size)
+from common import MiB, Result, alternate, ldb, log, main_for, median, rmtree, run, scratch, store_size  # noqa: E402
 
 BIG = "/data/big.bin"
 LIMIT_GROWTH = 2 * MiB
@@ -75,10 +74,5 @@ def run_bench(runs: int) -> list[Result]:
     return out
 
 
-def main() -> None:
-    a = parser(__doc__).parse_args()
-    report(run_bench(a.runs), a.json)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(__doc__, run_bench)

@@ -349,3 +349,9 @@ def code_fingerprint() -> str:
     except (subprocess.CalledProcessError, FileNotFoundError):
         head = "?"
     return f"{head}+src:{h.hexdigest()[:12]}"
+
+
+def main_for(doc: str | None, run_bench) -> None:
+    """The command line of a bench script: `--runs N`, `--json`, then the report."""
+    a = parser(doc).parse_args()
+    report(run_bench(a.runs), a.json)
