@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import stat
 import sys
@@ -18,6 +17,8 @@ def short(digest: str | None) -> str:
 
 
 def json_line(obj: Any) -> None:
+    import json  # only --json output needs it: start-up stays short
+
     sys.stdout.write(json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n")
 
 

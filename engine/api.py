@@ -6,7 +6,6 @@ prints.  The CLI (layerdb.cli) is one client of this class.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
@@ -415,6 +414,8 @@ def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:
     if node.type in ("c", "b"):
         d["rdev"] = f"{node.devmajor},{node.devminor}"
     if node.xattrs:
+        import json
+
         d["xattrs"] = json.loads(node.xattrs)
     return d
 

@@ -17,11 +17,10 @@ why importing defers foreign-key checks to commit.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 from typing import Iterable, Iterator
 
-from .chunks import ChunkStore, encode
+from .chunks import ChunkStore, Prefetch, encode
 from .errors import CorruptStore
 
 SMALL = 256 << 10
@@ -29,6 +28,12 @@ PACK_TARGET = 1 << 20
 CDC_MIN, CDC_AVG, CDC_MAX = 64 << 10, 256 << 10, 1 << 20
 # Compressed chunks waiting for their INSERT: bounds memory to about this many MiB.
 MAX_IN_FLIGHT = 4
+
+
+def _sha256(data: bytes = b""):
+    import hashlib  # loading OpenSSL costs ~2 ms: commands that read no contents skip it
+
+    return hashlib.sha256(data)
 
 
 def _cdc():
@@ -85,7 +90,7 @@ class ContentStore:
         return w.close()
 
     def add_small(self, data: bytes, kind: str = "data") -> int:
-        sha = hashlib.sha256(data).digest()
+        sha = _sha256(data).digest()
         bid = self.blob_id(sha)
         if bid is not None:
             return bid
@@ -139,7 +144,7 @@ class ContentStore:
 
     def _put_chunk(self, chunk: bytes) -> bytes:
         """Store one content-defined chunk unless present; returns its sha256."""
-        csha = hashlib.sha256(chunk).digest()
+        csha = _sha256(chunk).digest()
         if csha in self._pending_chunks or self.chunks.has(csha):
             return csha
         self._pending_chunks.add(csha)
@@ -237,9 +242,10 @@ class ContentStore:
         return shas
 
     def iter_chunks(self, blob_id: int) -> Iterator[bytes]:
-        """A large content's chunks, through the chunk store only (no cache)."""
-        for sha in self.chunk_list(blob_id):
-            yield self.chunks.get(sha)
+        """A large content's chunks, through the chunk store only (no cache),
+        decoded and checked ahead on helper threads."""
+        with Prefetch(self.chunks, self.chunk_list(blob_id)) as chunks:
+            yield from chunks
 
     def open_blob(self, blob_id: int) -> io.BufferedReader:
         """A file object; read(n) returns n bytes until the end (tarfile relies on it)."""
@@ -247,7 +253,7 @@ class ContentStore:
 
 
 def _hash_encode(raw: bytes):
-    return hashlib.sha256(raw).digest(), len(raw), encode(raw)
+    return _sha256(raw).digest(), len(raw), encode(raw)
 
 
 class BlobWriter:
@@ -259,7 +265,7 @@ class BlobWriter:
     def __init__(self, cs: ContentStore, kind: str = "data"):
         self.cs = cs
         self.kind = kind
-        self.whole = hashlib.sha256()
+        self.whole = _sha256()
         self.buf = bytearray()
         self.refs: list[tuple[int, bytes]] = []  # (offset in blob, chunk sha)
         self.size = 0

@@ -10,6 +10,7 @@ import tarfile
 from typing import BinaryIO, Callable
 
 from . import tarwriter as tw
+from .chunks import Prefetch
 from .content import ContentStore
 from .errors import CorruptStore, LayerdbError, UsageError
 from .replay import Node, View
@@ -49,6 +50,7 @@ def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
 # Packs (1 MiB each) kept decoded while later files still need them; beyond
 # this, the oldest is dropped and read again if wanted (memory stays flat).
 MAX_HELD_PACKS = 32
+FLUSH_AT = 256 << 10
 
 TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE}
 
@@ -83,22 +85,28 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
     evicted: set[bytes] = set()
     total = len(entries)
     n = 0
-    write = out.write
-    with _Prefetch(content, work) as fetched:
+    # Headers and small contents gather in one buffer: a write call per entry
+    # cost more than the entry's bytes.  Large pieces go out directly.
+    buf = bytearray()
+    header = tw.header
+    with Prefetch(content.chunks, work) as fetched:
         for path, node in entries:
             n += 1
-            name = path + b"/" if node.type == "d" else path
-            kw = dict(mode=node.mode or 0, uid=node.uid or 0, gid=node.gid or 0, mtime=node.mtime or 0,
-                      xattrs=node.xattr_dict() if node.xattrs else None)
-            if node.type != "d":
-                key = id(node)
-                if key in first_name:
-                    write(tw.header(name, tw.LNKTYPE, linkname=first_name[key], **kw))
-                    continue
-                first_name[key] = path
-            if node.type == "f":
+            type_ = node.type
+            xattrs = node.xattr_dict() if node.xattrs else None
+            meta = (node.mode or 0, node.uid or 0, node.gid or 0)
+            mtime = node.mtime or 0
+            if type_ == "d":
+                buf += header(path + b"/", tw.DIRTYPE, *meta, 0, mtime, xattrs=xattrs)
+                continue
+            key = id(node)
+            if key in first_name:
+                buf += header(path, tw.LNKTYPE, *meta, 0, mtime, first_name[key], xattrs=xattrs)
+                continue
+            first_name[key] = path
+            if type_ == "f":
                 size = node.size or 0
-                write(tw.header(name, tw.REGTYPE, size=size, **kw))
+                buf += header(path, tw.REGTYPE, *meta, size, mtime, xattrs=xattrs)
                 if size:
                     got = 0
                     where = packed.get(node.blob_id)
@@ -116,71 +124,38 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                                 evicted.add(decoded.popitem(last=False)[0])
                         if offset + size > len(data):
                             raise CorruptStore(f"/{_s(path)}: its content lies outside its pack")
-                        pieces = [data[offset : offset + size]]
+                        pieces = (memoryview(data)[offset : offset + size],)
                         uses[pack] -= 1
                         if not uses[pack]:
                             decoded.pop(pack, None)  # its last file: memory holds packs still in use
                     for piece in pieces:
-                        write(piece)
                         got += len(piece)
+                        if len(piece) >= FLUSH_AT:
+                            out.write(buf)
+                            buf.clear()
+                            out.write(piece)
+                        else:
+                            buf += piece
                     if got != size:
                         raise CorruptStore(f"/{_s(path)}: the store holds {got} bytes, the view says {size}")
-                    write(tw.padding(size))
-            elif node.type == "l":
-                write(tw.header(name, tw.SYMTYPE, linkname=node.link or b"", **kw))
-            elif node.type in ("c", "b"):
-                write(tw.header(name, TAR_FLAGS[node.type], devmajor=node.devmajor or 0,
-                                devminor=node.devminor or 0, **kw))
+                    buf += tw.padding(size)
+            elif type_ == "l":
+                buf += header(path, tw.SYMTYPE, *meta, 0, mtime, node.link or b"", xattrs=xattrs)
+            elif type_ in ("c", "b"):
+                buf += header(path, TAR_FLAGS[type_], *meta, 0, mtime, b"", node.devmajor or 0, node.devminor or 0,
+                              xattrs=xattrs)
             else:
-                write(tw.header(name, TAR_FLAGS[node.type], **kw))
+                buf += header(path, TAR_FLAGS[type_], *meta, 0, mtime, xattrs=xattrs)
+            if len(buf) >= FLUSH_AT:
+                out.write(buf)
+                buf.clear()
             if progress and n % 500 == 0:
                 progress(n, total)
-    write(tw.END)
+    buf += tw.END
+    out.write(buf)
     if progress:
         progress(n, total)
     return n
-
-
-class _Prefetch:
-    """Decodes and verifies chunks (packs and pieces of large contents) on two
-    helper threads, up to AHEAD chunks ahead of the writer, in the writer's
-    order: zstd and sha256 release the GIL, so the work spreads over the cores
-    while this thread writes.  Helpers read through the chunk store only (apsw
-    serialises their queries); nothing else of the content store is shared."""
-
-    AHEAD = 16  # chunks of at most 1 MiB: bounds memory
-
-    def __init__(self, content: ContentStore, work: list[bytes]):
-        self.get = content.chunks.get
-        self.work = iter(work)
-        self.has_work = bool(work)
-        self.pending: collections.deque = collections.deque()
-        self.pool = None
-
-    def __enter__(self) -> "_Prefetch":
-        if self.has_work:
-            import concurrent.futures
-
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="layerdb-export")
-            for _ in range(self.AHEAD):
-                self._submit()
-        return self
-
-    def _submit(self) -> None:
-        sha = next(self.work, None)
-        if sha is not None:
-            self.pending.append(self.pool.submit(self.get, sha))
-
-    def next(self) -> bytes:
-        data = self.pending.popleft().result()  # raises what the helper raised
-        self._submit()
-        return data
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            for f in self.pending:
-                f.cancel()
-            self.pool.shutdown(wait=True)
 
 
 # Directory export --------------------------------------------------------------

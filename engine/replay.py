@@ -22,7 +22,6 @@ order for events gathered from several diffs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -53,10 +52,14 @@ class Node:
         self.implied = implied
 
     def xattr_dict(self) -> dict[str, bytes]:
-        return {k: bytes.fromhex(v) for k, v in json.loads(self.xattrs).items()} if self.xattrs else {}
+        if not self.xattrs:
+            return {}
+        import json  # few views hold xattrs; most commands never load json
+
+        return {k: bytes.fromhex(v) for k, v in json.loads(self.xattrs).items()}
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     position: int
     kind: int

@@ -20,7 +20,8 @@ PAXTYPE = b"x"
 
 # The largest value each octal field holds (width - 1 digits).
 MAX7, MAX11 = 0o7777777, 0o77777777777
-_TAIL = bytes(167)  # uname, gname (empty), after the device numbers: prefix and padding
+_UNAMES = bytes(64)  # uname and gname: empty
+_TAIL = bytes(167)  # prefix and padding, after the device numbers
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -39,14 +40,21 @@ def _is_utf8(b: bytes) -> bool:
         return False
 
 
+# The checksum counts the chksum field as eight spaces; the zero bytes add
+# nothing, so summing the fields that hold text is enough (a quarter of the
+# block: this runs once per entry).
+_FIXED_SUM = sum(b"        ") + sum(b"ustar\x0000")
+
+
 def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes, linkname: bytes,
            devmajor: int, devminor: int) -> bytes:
-    hdr = b"".join((
-        name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size,
-        b"%011o\0" % mtime, b"        ", typeflag, linkname.ljust(100, b"\0"), b"ustar\x0000", bytes(64),
-        b"%07o\0" % devmajor, b"%07o\0" % devminor, _TAIL,
+    ids = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
+    devs = b"%07o\0%07o\0" % (devmajor, devminor)
+    chk = _FIXED_SUM + sum(name) + sum(ids) + typeflag[0] + sum(linkname) + sum(devs)
+    return b"".join((
+        name.ljust(100, b"\0"), ids, b"%06o\0 " % chk, typeflag, linkname.ljust(100, b"\0"), b"ustar\x0000",
+        _UNAMES, devs, _TAIL,
     ))
-    return hdr[:148] + b"%06o\0 " % sum(hdr) + hdr[156:]
 
 
 def header(name: bytes, typeflag: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,

@@ -182,3 +182,24 @@ def test_export_of_a_damaged_large_file_fails_with_one_line(store, tmp_path):
     assert r.exit_code == 6
     assert r.stderr.count("\n") == 1 and "sha256 mismatch" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".layerdb-*"))
+
+
+def test_cat_of_a_large_file_with_a_missing_chunk_fails_with_one_line(store):
+    """Chunks are fetched ahead of the reader; a missing one is reported when the
+    reader reaches it, as one line, and the chunks before it went out intact."""
+    import apsw
+
+    conn = apsw.Connection(str(store))
+    blob_id, seq, offset, sha = conn.execute(
+        """SELECT bc.blob_id, bc.seq, bc.offset, bc.chunk FROM blob_chunk bc
+           WHERE bc.seq = 2 ORDER BY bc.blob_id LIMIT 1""").fetchone()
+    path = conn.execute(
+        """SELECT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.blob_id = ? LIMIT 1""",
+        (blob_id,)).fetchone()[0]
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("DELETE FROM chunk WHERE sha256 = ?", (sha,))
+    conn.close()
+    r = run_cli("cat", "--at", "sample:1.0", "/" + bytes(path).decode(), db_path=store)
+    assert r.exit_code == 6
+    assert r.stderr.count("\n") == 1 and f"chunk {sha.hex()} is missing" in r.stderr
+    assert len(r.stdout_bytes) == offset

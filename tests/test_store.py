@@ -58,10 +58,10 @@ def test_foreign_sqlite_database_is_refused(tmp_path):
 
 def test_default_path_env_then_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERDB_DB", str(tmp_path / "env.sqlite"))
-    assert default_db_path() == tmp_path / "env.sqlite"
+    assert default_db_path() == str(tmp_path / "env.sqlite")
     monkeypatch.delenv("LAYERDB_DB")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert default_db_path() == tmp_path / "xdg" / "layerdb" / "layerdb.sqlite"
+    assert default_db_path() == str(tmp_path / "xdg" / "layerdb" / "layerdb.sqlite")
 
 
 def test_write_rolls_back_on_error(tmp_path):
