@@ -3,17 +3,23 @@
 the way a user does it today, over the layer tars of the saved (`docker save`) images.
 
 - `layerdb log /etc/app/state.conf --image bench/chain:100` (the path changes in
-  all 100 layers) against `tar -tvf LAYER | grep PATH` over the 100 layer tars.
-  Issue 5: <= 0.5x; issue 3: at least 50x faster (<= 0.02x).
+  all 100 layers) against two peers over the 100 layer tars:
+  - `tar -tvf LAYER | grep PATH`: lists the events only (issue 5: <= 0.5x);
+  - the same plus `tar -xOf LAYER PATH | sha256sum` in each layer that names the
+    path: what a user needs for what `log` prints (each version's sha256).
+  Issue 3 asks for at least 50x faster (<= 0.02x).
 - `layerdb find --sha256 HEX` (HEX: libssl.so.3, shipped by two layers of the
-  family) against hashing every file in the family's distinct layer tars
-  (bench/tarscan.py).  Issue 5: <= 0.1x; issue 3: at least 50x faster (<= 0.02x).
+  family) against two peers over the family's distinct layer tars:
+  - bench/tarscan.py: one Python process streams every tar and hashes every
+    file, the fastest way without an index (issue 5: <= 0.1x);
+  - `tar -xf` of each layer into a scratch directory, then `find -type f -exec
+    sha256sum {} +`: the shell way.  Issue 3: at least 50x faster.
 - find must not grow with the number of stored images: the same query on a
   store with five more images (bench/chain:100, bench/bigfile:1-2,
   bench/smallfiles:1) takes at most 1.3x (the 1.3 is ours, as for depth).
 
 The layer tars are extracted from the docker-save archives once, beforehand, and
-are in the page cache: the peers pay no unpacking.
+are in the page cache: the peers pay no unpacking of the saved image.
 """
 
 from __future__ import annotations
@@ -80,17 +86,24 @@ def bench_log(work, runs: int) -> list[Result]:
     scan = "for t in " + " ".join(shlex.quote(str(t)) for t in tars) + \
            f"; do tar -tvf \"$t\" | grep -F ' {LOG_PATH.lstrip('/')}'; done"
     hits = len(capture(scan).splitlines())
+    member = shlex.quote(LOG_PATH.lstrip("/"))
+    scan_x = "for t in " + " ".join(shlex.quote(str(t)) for t in tars) + \
+             f"; do tar -tvf \"$t\" | grep -F ' {LOG_PATH.lstrip('/')}' && tar -xOf \"$t\" {member} | sha256sum; done"
+    versions = sum(1 for line in capture(scan_x).splitlines() if line.endswith("  -"))
     devnull = open(os.devnull, "wb")
-    log(f"log: layerdb log vs tar -tvf over {len(tars)} layer tars, {runs} rounds")
+    log(f"log: layerdb log vs tar -tvf (and tar -xO | sha256sum) over {len(tars)} layer tars, {runs} rounds")
     t = alternate({
         "layerdb": lambda: run(ldb(db, "log", LOG_PATH, "--image", "bench/chain:100"), stdout=devnull).wall,
         "tar -tvf": lambda: run(scan, stdout=devnull).wall,
+        "tar -tvf + tar -xO": lambda: run(scan_x, stdout=devnull).wall,
     }, runs)
-    lt, pt = median(t["layerdb"]), median(t["tar -tvf"])
-    facts = {"events": f"layerdb {len(rows)} rows, tar -tvf|grep {hits} lines"}
+    lt, pt, px = median(t["layerdb"]), median(t["tar -tvf"]), median(t["tar -tvf + tar -xO"])
+    facts = {"events": f"layerdb {len(rows)} rows, tar -tvf|grep {hits} lines, {versions} versions hashed"}
     return [Result("log_find", f"log {LOG_PATH} on the 100-layer image vs tar -tvf | grep over its layer tars "
                    "(issue 5: <= 0.5x)", lt, "tar -tvf", pt, 0.5, extra=facts, samples=t),
             Result("log_find", "the same, issue 3's target: at least 50x faster", lt, "tar -tvf", pt, 0.02),
+            Result("log_find", "log vs tar -tvf | grep plus tar -xO | sha256sum of each version (what log prints); "
+                   "issue 3: at least 50x faster", lt, "tar -tvf + tar -xO", px, 0.02),
             engine_result("log", db, ["log", LOG_PATH, "bench/chain:100"], runs, "tar -tvf", pt)]
 
 
@@ -109,6 +122,11 @@ def bench_find(work, runs: int) -> list[Result]:
                 tars.append(t)
     peer = [sys.executable, BENCH / "tarscan.py", want] + tars
     peer_hits = len(capture(peer).splitlines())
+    unpack = work / "unpack"
+    shell = " ".join([f"mkdir -p {shlex.quote(str(unpack))};", "for t in " + " ".join(shlex.quote(str(t)) for t in tars) + ";",
+                      f"do tar -xf \"$t\" -C {shlex.quote(str(unpack))} &&",
+                      f"find {shlex.quote(str(unpack))} -type f -exec sha256sum {{}} + | grep -F {want};",
+                      f"rm -rf {shlex.quote(str(unpack))}/*; done; rmdir {shlex.quote(str(unpack))}"])
     what = "find --sha256 (libssl.so.3) over the family, 5 images"
     if not has_command(db, "find"):
         note = "layerdb has no `find` command yet"
@@ -128,6 +146,7 @@ def bench_find(work, runs: int) -> list[Result]:
         "layerdb": lambda: run(ldb(db, "find", "--sha256", want), stdout=devnull).wall,
         "layerdb (10 images)": lambda: run(ldb(big, "find", "--sha256", want), stdout=devnull).wall,
         "tar+sha256": lambda: run(peer, stdout=devnull).wall,
+        "tar -x + sha256sum": lambda: run(shell, stdout=devnull, check=False).wall,
     }, runs)
     lt = median(t["layerdb"])
     facts = {"matches": f"layerdb {len(rows)} rows, hashing the tars {peer_hits} files"}
@@ -135,6 +154,9 @@ def bench_find(work, runs: int) -> list[Result]:
                    lt, "tar+sha256", median(t["tar+sha256"]), 0.1, extra=facts, samples=t),
             Result("log_find", "the same, issue 3's target: at least 50x faster", lt, "tar+sha256",
                    median(t["tar+sha256"]), 0.02),
+            Result("log_find", f"find --sha256 vs tar -xf of each of the {len(tars)} layer tars + find | sha256sum "
+                   "(the shell way); issue 3: at least 50x faster", lt, "tar -x + sha256sum",
+                   median(t["tar -x + sha256sum"]), 0.02),
             engine_result("find --sha256", db, ["find", want], runs, "tar+sha256", median(t["tar+sha256"])),
             Result("log_find", "find --sha256 with 10 images stored vs with 5 (must not grow)",
                    median(t["layerdb (10 images)"]), "5 images", lt, 1.3)]
