@@ -108,23 +108,30 @@ def find(ctx, name, path, sha256, visible, as_json):
 @click.option("--lowest-efficiency", type=float, default=None, metavar="F",
               help="With --ci: the lowest acceptable efficiency, 0..1 (default 0.9, as dive).")
 @click.option("--highest-wasted-bytes", metavar="SIZE", help="With --ci: the most wasted bytes allowed (e.g. 20MB).")
+@click.option("--highest-user-wasted-percent", type=float, default=None, metavar="F",
+              help="With --ci: the most wasted bytes allowed as a fraction of the user bytes, 0..1 "
+                   "(default 0.1, as dive).")
 @click.option("--limit", type=int, default=20, show_default=True, help="Wasted files listed in the table (0: all).")
 @click.pass_context
-def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, limit):
+def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, highest_user_wasted_percent, limit):
     """Efficiency score and wasted bytes per layer (dive's analysis, from the event log).
 
     Wasted bytes are file contents a layer ships that the image's top view does
-    not show: overwritten or deleted by a later layer (which is named).
+    not show: overwritten or deleted by a later layer (which is named).  User
+    bytes are the file bytes of every layer but the first (the base image's);
+    the user wasted percent is wasted bytes / user bytes, as a fraction (dive's).
     """
     from layerdb.engine import audit
     from layerdb.engine.errors import UsageError, WasteCheckFailed
 
-    if not ci and (lowest_efficiency is not None or highest_wasted_bytes is not None):
-        raise UsageError("--lowest-efficiency and --highest-wasted-bytes need --ci")
+    if not ci and (lowest_efficiency is not None or highest_wasted_bytes is not None
+                   or highest_user_wasted_percent is not None):
+        raise UsageError("--lowest-efficiency, --highest-wasted-bytes and --highest-user-wasted-percent need --ci")
     highest = parse_size(highest_wasted_bytes) if highest_wasted_bytes is not None else None
     lowest = lowest_efficiency if lowest_efficiency is not None else 0.9
+    user_share = highest_user_wasted_percent if highest_user_wasted_percent is not None else 0.1
     report = audit.waste(open_db(ctx), image)
-    failures = audit.waste_failures(report, lowest, highest) if ci else []
+    failures = audit.waste_failures(report, lowest, highest, user_share) if ci else []
     if as_json:
         render.json_line(report)
     else:
@@ -138,6 +145,9 @@ def _waste_table(report: dict, limit: int) -> None:
     click.echo(f"Image: {name}")
     click.echo(f"Efficiency: {report['efficiency'] * 100:.4f} %")
     click.echo(f"Wasted: {render.size(report['wasted_bytes'])} of {render.size(report['total_bytes'])} file bytes")
+    share = report["user_wasted_percent"]
+    click.echo(f"User wasted: {'-' if share is None else f'{share * 100:.4f} %'} of "
+               f"the {render.size(report['user_bytes'])} of every layer but the first")
     click.echo("")
     render.table(["POS", "LAYER", "SIZE", "WASTED", "CREATED BY"], [
         [str(li["position"]), render.short(li["layer_id"]), render.size(li["size"]), render.size(li["wasted_bytes"]),

@@ -13,7 +13,7 @@ from . import refs
 from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
-from .replay import Event, Node, View, chain_events, path_events, replay_key
+from .replay import Event, Node, View, chain_events, closure_events
 from .store import Store, default_db_path
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
@@ -124,46 +124,7 @@ class LayerDB:
 
     def _closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
         """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""
-        wanted: set[bytes] = set()
-        todo = [path]
-        ids: dict[bytes, int] = {}
-        events: list[Event] = []
-        while todo:
-            new: set[bytes] = set()
-            for p in todo:
-                q = p
-                while True:
-                    if q not in wanted:
-                        wanted.add(q)
-                        new.add(q)
-                    if not q:
-                        break
-                    i = q.rfind(b"/")
-                    q = q[:i] if i >= 0 else b""
-            todo = []
-            new_ids = []
-            for p in new:
-                pid = self.store.path_id(p)
-                if pid is not None:
-                    ids[p] = pid
-                    new_ids.append(pid)
-            if not new_ids:
-                break
-            batch = path_events(self.store.conn, r.chain, new_ids)
-            events.extend(batch)
-            for ev in batch:
-                if ev.target is not None and ev.target not in wanted:
-                    todo.append(ev.target)
-            # Links elsewhere that name one of these paths share (and change) its inode.
-            marks = ",".join("?" * len(new_ids))
-            for (lp,) in self.store.execute(
-                f"SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({marks})",
-                new_ids,
-            ):
-                if lp not in wanted:
-                    todo.append(lp)
-        events.sort(key=replay_key)
-        return events
+        return closure_events(self.store, [r.chain], [path])[0]
 
     def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
         """One path at REF, without replaying the whole chain."""
@@ -363,12 +324,12 @@ class LayerDB:
     def symlink(self, container: str, path, target, **kw) -> bytes:
         return self.container(container).symlink(path, target, **kw)
 
-    def link(self, container: str, path, target) -> bytes:
-        return self.container(container).link(path, target)
+    def link(self, container: str, path, target, **kw) -> bytes:
+        return self.container(container).link(path, target, **kw)
 
-    def remove_path(self, container: str, path, recursive=False) -> bytes:
+    def remove_path(self, container: str, path, recursive=False, **kw) -> bytes:
         """rm (-r): a whiteout.  (`remove` is taken: it removes images.)"""
-        return self.container(container).remove(path, recursive)
+        return self.container(container).remove(path, recursive, **kw)
 
     def rename(self, container: str, src, dst, **kw) -> bytes:
         return self.container(container).rename(src, dst, **kw)

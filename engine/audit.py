@@ -26,7 +26,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
 from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events, diff_events, replay_key
+from .replay import Event, Node, View, chain_events, closure_events, diff_events
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -118,10 +118,7 @@ SCOPE_EVENTS = (
     "SELECT e.kind, p.path, e.type, t.path FROM event e JOIN path p ON p.id = e.path_id"
     " LEFT JOIN path t ON t.id = e.target_id WHERE e.diff_id = ?"
 )
-PATH_ID = "SELECT id FROM path WHERE path = ?"
 SUBTREE_IDS = "SELECT id, path FROM path WHERE path > ? AND path < ?"
-LINKS_NAMING = "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({})"
-EVENTS_ON = f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.path_id IN ({{}})"
 
 
 def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:
@@ -146,49 +143,12 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> lis
                     roots.add(path)
     if b"" in roots:
         return None
-    wanted: set[bytes] = set()
-    pending: list[int] = []
+    subtrees: list[tuple[int, bytes]] = []
     for root in sorted(roots):
-        for pid, path in store.execute(SUBTREE_IDS, _subtree_bounds(root)):
-            if path not in wanted:
-                wanted.add(path)
-                pending.append(pid)
-    pos_of: list[dict[int, list[int]]] = []
-    for chain in chains:
-        m: dict[int, list[int]] = {}
-        for pos, diff in chain:
-            m.setdefault(diff, []).append(pos)
-        pos_of.append(m)
-    events: list[list[Event]] = [[] for _ in chains]
-    todo = list(named)
-    while todo or pending:
-        for p in todo:
-            for q in (p, *_ancestors(p)):
-                if q in wanted:
-                    continue
-                wanted.add(q)
-                pid = store.scalar(PATH_ID, (q,))
-                if pid is not None:
-                    pending.append(pid)
-        todo = []
-        for ids in _batches(pending):
-            for r in store.execute(EVENTS_ON.format(_marks(len(ids))), ids):
-                hit = False
-                for m, out in zip(pos_of, events):
-                    for pos in m.get(r[0], ()):
-                        out.append(Event(pos, *r[1:]))
-                        hit = True
-                target = r[13]
-                if hit and target is not None and target not in wanted:
-                    todo.append(target)
-            # A hard link elsewhere that names one of these paths shares its file.
-            for (lp,) in store.execute(LINKS_NAMING.format(_marks(len(ids))), ids):
-                if lp not in wanted:
-                    todo.append(lp)
-        pending = []
+        subtrees.extend(store.execute(SUBTREE_IDS, _subtree_bounds(root)))
+    events = closure_events(store, chains, named, known=subtrees)
     views = []
     for evs in events:
-        evs.sort(key=replay_key)
         views.append(View().replay(evs))
     return views
 
@@ -349,6 +309,12 @@ def waste(db: LayerDB, ref: str) -> dict:
     overwritten (even by identical bytes, as a chmod in a RUN step does) or
     deleted later.  A file still reachable through another hard-linked name is
     not wasted.
+
+    user_wasted_percent = wasted bytes / user bytes, a fraction as in dive
+    (its WastedUserPercent): the user bytes are the file bytes of every layer
+    but the bottom one (dive's "all bytes except for the base image").  With
+    no user bytes (a one-layer image) it is None: dive's ratio is then NaN
+    when nothing is wasted and +Inf otherwise (see waste_failures).
     """
     store = db.store
     with store.read():
@@ -395,13 +361,17 @@ def waste(db: LayerDB, ref: str) -> dict:
     for p in wasted:
         per_layer[p.position] = per_layer.get(p.position, 0) + p.size
     wasted.sort(key=lambda p: (-p.size, p.path, p.position))
+    wasted_bytes = sum(p.size for p in wasted)
+    user = sum(layer_bytes.get(li.position, 0) for li in r.layers[1:])
     return {
         "image": r.image_digest,
         "repo_tags": r.tags,
         "efficiency": smallest / total if total else 1.0,
         "total_bytes": total,
         "smallest_bytes": smallest,
-        "wasted_bytes": sum(p.size for p in wasted),
+        "wasted_bytes": wasted_bytes,
+        "user_bytes": user,
+        "user_wasted_percent": wasted_bytes / user if user else None,
         "layers": [{"position": li.position, "layer_id": li.chain_id, "created_by": created_by.get(li.position),
                     "size": layer_bytes.get(li.position, 0), "wasted_bytes": per_layer.get(li.position, 0)}
                    for li in r.layers],
@@ -412,16 +382,26 @@ def waste(db: LayerDB, ref: str) -> dict:
     }
 
 
-def waste_failures(report: dict, lowest_efficiency: float | None, highest_wasted_bytes: int | None) -> list[str]:
+def waste_failures(report: dict, lowest_efficiency: float | None, highest_wasted_bytes: int | None,
+                   highest_user_wasted_percent: float | None = None) -> list[str]:
     """The thresholds (dive --ci style) that the report fails, as sentences."""
     out = []
-    if lowest_efficiency is not None:
-        if not 0 <= lowest_efficiency <= 1:
-            raise UsageError(f"--lowest-efficiency must be between 0 and 1, not {lowest_efficiency}")
-        if report["efficiency"] < lowest_efficiency:
-            out.append(f"efficiency {report['efficiency']:.4f} is below {lowest_efficiency}")
+    for name, value in (("--lowest-efficiency", lowest_efficiency),
+                        ("--highest-user-wasted-percent", highest_user_wasted_percent)):
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"{name} must be between 0 and 1, not {value}")
+    if lowest_efficiency is not None and report["efficiency"] < lowest_efficiency:
+        out.append(f"efficiency {report['efficiency']:.4f} is below {lowest_efficiency}")
     if highest_wasted_bytes is not None and report["wasted_bytes"] > highest_wasted_bytes:
         out.append(f"wasted bytes {report['wasted_bytes']} exceed {highest_wasted_bytes}")
+    if highest_user_wasted_percent is not None:
+        share = report["user_wasted_percent"]
+        if share is None:  # no user bytes: dive's ratio is NaN (passes) or +Inf (fails)
+            if report["wasted_bytes"]:
+                out.append(f"wasted bytes {report['wasted_bytes']} with no user bytes (one layer) exceed "
+                           f"{highest_user_wasted_percent} of them")
+        elif share > highest_user_wasted_percent:
+            out.append(f"wasted bytes are {share:.4f} of the user bytes, above {highest_user_wasted_percent}")
     return out
 
 

@@ -12,7 +12,9 @@ full (its unchanged chunks are shared by the content store), a removal is a
 whiteout, and nothing below the container ever changes.  Hard links stay hard
 links: a change to a file with several names puts it under one name and links
 every other name to it again, so all names show the change, as on a real
-file system.
+file system.  As there too, creating, removing or renaming a name changes its
+directory's mtime (a put of the directory, as overlayfs copies it up), so
+`commit` writes the directory with its new time, as `buildah commit` does.
 
 `commit` seals the net change between the image and the container into a
 deterministic OCI layer tar (sorted entries, `.wh.NAME` whiteouts,
@@ -370,7 +372,10 @@ class Container:
                    follow: bool = True, append: bool = False) -> bytes:
         """Create or replace a regular file (open(2) with O_CREAT: a symlink as the
         last component is followed).  Replacing keeps the file's mode, owner and
-        other names unless given; append adds data after the current contents."""
+        other names unless given; append adds data after the current contents.
+        mtime is the time of the write (default now): the file's mtime, and its
+        directory's when the file is new."""
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             p, old = self.walk(path, follow)
             if not p or (old is not None and old.type == "d"):
@@ -381,12 +386,13 @@ class Container:
             blob_id, size = self._store(data)
             dmode, duid, dgid, xattrs = (keep.mode, keep.uid, keep.gid, keep.xattrs) if keep else (0o644, 0, 0, None)
             ev = Event(self.position, PUT, 0, p, "f", (dmode if mode is None else mode) & 0o7777,
-                       duid if uid is None else uid, dgid if gid is None else gid,
-                       int(time.time()) if mtime is None else mtime, size, blob_id, None, None, None, None, None,
-                       xattrs)
+                       duid if uid is None else uid, dgid if gid is None else gid, mt, size, blob_id, None, None,
+                       None, None, None, xattrs)
             evs.append(ev)
             if keep is not None:
                 evs.extend(self._relinks(keep, p, ev))
+            if old is None:
+                self._touch_dirs(evs, [parent(p)], mt)
         return p
 
     def append_file(self, path: str | bytes, data: bytes | BinaryIO | Iterable[bytes], **kw) -> bytes:
@@ -399,6 +405,7 @@ class Container:
             if not parents:
                 p = self._new(path)
                 evs.append(self._dir_event(p, mode, uid, gid, mt))
+                self._touch_dirs(evs, [parent(p)], mt)
                 return p
             parts = split(path)
             for i in range(1, len(parts) + 1):
@@ -408,6 +415,7 @@ class Container:
                         raise NoSuchPath(p)
                     for q in [p] + [join(p, b"/".join(parts[i:j])) for j in range(i + 1, len(parts) + 1)]:
                         evs.append(self._dir_event(q, mode, uid, gid, mt))
+                    self._touch_dirs(evs, [parent(p)], mt)
                     return q
                 if node.type != "d":
                     raise PathError(errno.ENOTDIR if i < len(parts) else errno.EEXIST, p)
@@ -422,15 +430,18 @@ class Container:
         link = target if isinstance(target, bytes) else os.fsencode(target)
         if not link:
             raise PathError(errno.ENOENT, b"", "a symlink needs a target")
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             p = self._new(path)
-            evs.append(Event(self.position, PUT, 0, p, "l", 0o777, uid, gid,
-                             int(time.time()) if mtime is None else mtime, None, None, None, link, None, None, None,
-                             None))
+            evs.append(Event(self.position, PUT, 0, p, "l", 0o777, uid, gid, mt, None, None, None, link, None, None,
+                             None, None))
+            self._touch_dirs(evs, [parent(p)], mt)
         return p
 
-    def link(self, path: str | bytes, target: str | bytes) -> bytes:
-        """A hard link: `path` becomes another name of the file `target` names."""
+    def link(self, path: str | bytes, target: str | bytes, mtime: int | None = None) -> bytes:
+        """A hard link: `path` becomes another name of the file `target` names (the file
+        keeps its mtime; `path`'s directory gets mtime, default now)."""
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             tp, tnode = self._existing(target, follow=False)
             if tnode.type == "d":
@@ -438,6 +449,7 @@ class Container:
             p = self._new(path)
             evs.append(Event(self.position, PUT, 0, p, "h", tnode.mode, tnode.uid, tnode.gid, tnode.mtime, None,
                              None, None, None, tp, None, None, None))
+            self._touch_dirs(evs, [parent(p)], mt)
         return p
 
     def mknod(self, path: str | bytes, type_: str, mode: int = 0o644, rdev: tuple[int, int] = (0, 0),
@@ -445,16 +457,20 @@ class Container:
         if type_ not in ("p", "c", "b"):
             raise UsageError(f"mknod: type {type_!r} is not p, c or b")
         dev = type_ in ("c", "b")
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             p = self._new(path)
-            evs.append(Event(self.position, PUT, 0, p, type_, mode & 0o7777, uid, gid,
-                             int(time.time()) if mtime is None else mtime, None, None, None, None, None,
-                             rdev[0] if dev else None, rdev[1] if dev else None, None))
+            evs.append(Event(self.position, PUT, 0, p, type_, mode & 0o7777, uid, gid, mt, None, None, None, None,
+                             None, rdev[0] if dev else None, rdev[1] if dev else None, None))
+            self._touch_dirs(evs, [parent(p)], mt)
         return p
 
-    def remove(self, path: str | bytes, recursive: bool = False, want_dir: bool | None = None) -> bytes:
+    def remove(self, path: str | bytes, recursive: bool = False, want_dir: bool | None = None,
+               mtime: int | None = None) -> bytes:
         """Remove a path (a whiteout); a non-empty directory only when recursive (rm -r).
-        want_dir: True to act as rmdir(2), False as unlink(2)."""
+        want_dir: True to act as rmdir(2), False as unlink(2).  mtime: the time of the
+        removal (default now), the whiteout's and the directory's new mtime."""
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             p, node = self._existing(path, follow=False)
             if not p:
@@ -465,16 +481,34 @@ class Container:
                 raise PathError(errno.EISDIR, p)
             if node.type == "d" and not recursive and self._view.children.get(p):
                 raise PathError(errno.ENOTEMPTY, p)
-            evs.append(self._whiteout(p))
+            evs.append(self._whiteout(p, mt))
+            self._touch_dirs(evs, [parent(p)], mt)
         return p
 
-    def _whiteout(self, p: bytes) -> Event:
-        return Event(self.position, WHITEOUT, 0, p, None, None, None, None, int(time.time()), None, None, None,
-                     None, None, None, None, None)
+    def _whiteout(self, p: bytes, mtime: int) -> Event:
+        return Event(self.position, WHITEOUT, 0, p, None, None, None, None, mtime, None, None, None, None, None,
+                     None, None, None)
 
-    def rename(self, src: str | bytes, dst: str | bytes, noreplace: bool = False) -> bytes:
-        """rename(2): the moved entries keep their identity (files are linked to
-        their new names before the old names go)."""
+    def _touch_dirs(self, evs: list[Event], dirs: Iterable[bytes], mtime: int | dict[bytes, int]) -> None:
+        """Give directories whose entries this write changed (a name created, removed
+        or renamed in them) the write's time as their mtime, as a file system does:
+        a put of each directory with its attributes and the new mtime.  mtime is one
+        time for all, or a time per directory.  Directories this write puts itself
+        (new ones, or ones from a host tree) keep the mtime their put gives them;
+        one whose mtime is that time already needs no event."""
+        put = {e.path for e in evs if e.kind == PUT}
+        for d in sorted(set(dirs)):
+            node = self._view.get(d)
+            t = mtime if isinstance(mtime, int) else mtime.get(d)
+            if d in put or node is None or node.type != "d" or t is None or node.mtime == t:
+                continue
+            evs.append(self._put(d, node, mtime=t))
+
+    def rename(self, src: str | bytes, dst: str | bytes, noreplace: bool = False, mtime: int | None = None) -> bytes:
+        """rename(2): the moved entries keep their identity and their mtimes (files are
+        linked to their new names before the old names go); the directories the
+        name leaves and enters get mtime (default now)."""
+        mt = int(time.time()) if mtime is None else mtime
         with self._writing() as evs:
             sp, snode = self._existing(src, follow=False)
             dp, dnode = self.walk(dst, follow=False)
@@ -493,7 +527,7 @@ class Container:
                     raise PathError(errno.EISDIR, dp)
                 if dnode.type == "d" and self._view.children.get(dp):
                     raise PathError(errno.ENOTEMPTY, dp)
-                evs.append(self._whiteout(dp))
+                evs.append(self._whiteout(dp, mt))
             moved = [(sp, snode)] + (list(self._view.walk(sp)) if snode.type == "d" else [])
             for q, n in moved:
                 nq = dp + q[len(sp):]
@@ -502,7 +536,8 @@ class Container:
                 else:
                     evs.append(Event(self.position, PUT, 0, nq, "h", n.mode, n.uid, n.gid, n.mtime, None, None,
                                      None, None, q, None, None, None))
-            evs.append(self._whiteout(sp))
+            evs.append(self._whiteout(sp, mt))
+            self._touch_dirs(evs, [parent(sp), parent(dp)], mt)
         return dp
 
     def setattr(self, path: str | bytes, mode: int | None = None, uid: int | None = None, gid: int | None = None,
@@ -542,8 +577,13 @@ class Container:
     def apply_dir(self, directory: str) -> int:
         """Record the difference between the view and a host directory (which
         stands for the whole container): whiteouts for what it lacks, puts for
-        what it adds or changes.  One transaction; returns the events written."""
+        what it adds or changes; a directory in which that creates or removes a
+        name gets the host directory's mtime.  One transaction; returns the
+        events written."""
         host = _scan_host(directory)
+        times = {rel: h.mtime for rel, h in host.items() if h.type == "d"}
+        times[b""] = int(os.stat(directory).st_mtime)
+        removed_at = int(time.time())
         with self._writing() as evs:
             view = self._view
             gone: set[bytes] = set()
@@ -551,18 +591,21 @@ class Container:
                 h = host.get(p)
                 if (h is None or h.type != node.type) and not any(a in gone for a in ancestors(p)):
                     gone.add(p)
-                    evs.append(self._whiteout(p))
+                    evs.append(self._whiteout(p, removed_at))
 
             def current(p: bytes) -> Node | None:
                 return None if p in gone or any(a in gone for a in ancestors(p)) else view.get(p)
 
             self._host_puts(evs, directory, host, b"", current)
+            self._touch_dirs(evs, _dirs_changed_by(evs, current), times)
         return len(evs)
 
     def copy_in(self, source: str, dest: str | bytes, archive: bool = False) -> bytes:
         """`docker cp SOURCE CONTAINER:DEST`: a file or a directory tree, merged
         into what is there (an existing directory DEST receives SOURCE by name).
-        Entries are owned by root unless archive (-a) keeps the host's owners."""
+        Entries are owned by root unless archive (-a) keeps the host's owners.
+        Entries keep the host's mtimes, as tar extraction does (a directory of the
+        tree that gains a name too); the directory receiving a new SOURCE gets now."""
         src = os.path.abspath(source)
         try:
             st = os.lstat(src)
@@ -589,6 +632,9 @@ class Container:
                     h.uid = h.gid = 0
             view = self._view
             self._host_puts(evs, src, host, p, lambda q: view.get(q))
+            times = {join(p, rel): h.mtime for rel, h in host.items() if h.type == "d"}
+            times[parent(p)] = int(time.time())
+            self._touch_dirs(evs, _dirs_changed_by(evs, view.get), times)
         return p
 
     def _host_puts(self, evs: list[Event], root: str, host: dict[bytes, "_HostEntry"], at: bytes, current) -> None:
@@ -700,6 +746,12 @@ class Container:
         return dict(self.store.execute(
             "SELECT p.path, e.mtime FROM event e JOIN path p ON p.id = e.path_id"
             " WHERE e.diff_id = ? AND e.kind = ? ORDER BY e.seq", (self.diff_rowid, WHITEOUT)).fetchall())
+
+
+def _dirs_changed_by(evs: list[Event], current) -> set[bytes]:
+    """The directories in which events create or remove a name (current: the
+    node a path had before them)."""
+    return {parent(e.path) for e in evs if e.path and (e.kind == WHITEOUT or current(e.path) is None)}
 
 
 def _chain(pieces: Iterator[bytes], data: bytes | BinaryIO | Iterable[bytes]) -> Iterator[bytes]:

@@ -113,27 +113,70 @@ def chain_events(conn, chain: list[tuple[int, int]]) -> Iterator[Event]:
         yield from diff_events(conn, diff, pos)
 
 
-def path_events(conn, chain: list[tuple[int, int]], path_ids: Iterable[int]) -> list[Event]:
-    """The events on the given paths along the chain, in replay order.
+PATH_ID = "SELECT id FROM path WHERE path = ?"
+EVENTS_ON = f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.path_id IN ({{}})"
+LINKS_NAMING = "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({})"
+_BATCH = 500  # ids per IN (...): far below SQLite's limit on bound parameters
+_TARGET = 13  # where an EVENTS_ON row holds the hard-link target
+
+
+def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[bytes],
+                   known: Iterable[tuple[int, bytes]] = ()) -> list[list[Event]]:
+    """Per chain, in replay order, the events that decide the given paths: those
+    on the paths, on their ancestors and on their hard-link partners, closed
+    under those relations.  `known` adds (path id, path) pairs without their
+    ancestors (a subtree the caller already enumerated).
 
     Uses the (path_id, diff_id) index: the cost follows the number of events
-    on those paths, not the depth of the chain.
+    on those paths, not the depth of the chains.
     """
-    ids = sorted(set(path_ids))
-    if not ids:
-        return []
-    pos_of: dict[int, list[int]] = {}
-    for pos, diff in chain:
-        pos_of.setdefault(diff, []).append(pos)
-    out: list[Event] = []
-    marks = ",".join("?" * len(ids))
-    for r in conn.execute(
-        f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.path_id IN ({marks})", ids
-    ):
-        for pos in pos_of.get(r[0], ()):
-            out.append(Event(pos, *r[1:]))
-    out.sort(key=replay_key)
-    return out
+    pos_of: list[dict[int, list[int]]] = []
+    for chain in chains:
+        m: dict[int, list[int]] = {}
+        for pos, diff in chain:
+            m.setdefault(diff, []).append(pos)
+        pos_of.append(m)
+    events: list[list[Event]] = [[] for _ in chains]
+    wanted: set[bytes] = set()
+    pending: list[int] = []
+    for pid, p in known:
+        if p not in wanted:
+            wanted.add(p)
+            pending.append(pid)
+    todo = list(paths)
+    while todo or pending:
+        for p in todo:
+            q = p
+            while True:
+                if q not in wanted:
+                    wanted.add(q)
+                    pid = store.scalar(PATH_ID, (q,))
+                    if pid is not None:
+                        pending.append(pid)
+                if not q:
+                    break
+                q = _parent(q)
+        todo = []
+        for i in range(0, len(pending), _BATCH):
+            ids = pending[i : i + _BATCH]
+            marks = ",".join("?" * len(ids))
+            for r in store.execute(EVENTS_ON.format(marks), ids):
+                hit = False
+                for m, out in zip(pos_of, events):
+                    for pos in m.get(r[0], ()):
+                        out.append(Event(pos, *r[1:]))
+                        hit = True
+                target = r[_TARGET]
+                if hit and target is not None and target not in wanted:
+                    todo.append(target)
+            # A hard link elsewhere that names one of these paths shares (and changes) its file.
+            for (lp,) in store.execute(LINKS_NAMING.format(marks), ids):
+                if lp not in wanted:
+                    todo.append(lp)
+        pending = []
+    for evs in events:
+        evs.sort(key=replay_key)
+    return events
 
 
 def _parent(path: bytes) -> bytes:
@@ -259,4 +302,4 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "path_events", "diff_events", "replay_key", "IGNORED"]
+__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "diff_events", "replay_key", "IGNORED"]

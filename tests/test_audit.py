@@ -328,7 +328,7 @@ def test_find_across_images_shares_the_base_layer(tmp_path):
 
 def test_find_lookups_use_indexes(db):
     """EXPLAIN QUERY PLAN of every lookup find, log --all and diff run: no full scan of a table."""
-    from layerdb.engine import audit
+    from layerdb.engine import audit, replay
 
     db.import_archive(str(SAMPLE), tag="s:1")
     queries = [
@@ -340,10 +340,10 @@ def test_find_lookups_use_indexes(db):
         (audit.FIND_CREATED_BY, (1, 1)),
         (audit.LOG_DIFFS, (1,)),
         (audit.SCOPE_EVENTS, (1,)),
-        (audit.PATH_ID, (b"etc",)),
+        (replay.PATH_ID, (b"etc",)),
         (audit.SUBTREE_IDS, (b"etc/", b"etc0")),
-        (audit.EVENTS_ON.format("?,?"), (1, 2)),
-        (audit.LINKS_NAMING.format("?,?"), (1, 2)),
+        (replay.EVENTS_ON.format("?,?"), (1, 2)),
+        (replay.LINKS_NAMING.format("?,?"), (1, 2)),
     ]
     for name, path in (("libssl.so*", None), (None, "/usr/lib/*"), ("lib*", "/usr/*"), ("x", None),
                        ("libssl.so*", "*/lib/*")):
@@ -425,6 +425,15 @@ def test_waste_matches_layer_tars_and_oracle(stores, archive, oracle, ref, tag):
     assert rep["wasted_bytes"] == sum(f[2] for f in wasted)
     assert [li["size"] for li in rep["layers"]] == [
         sum(e["size"] for e in members if e["type"] == "f") for members in members_of(archive, ref, tag)]
+    user, share = expected_user_share(archive, ref, tag, sum(f[2] for f in wasted))
+    assert (rep["user_bytes"], rep["user_wasted_percent"]) == (user, share)
+
+
+def expected_user_share(archive, ref, tag, wasted: int) -> tuple[int, float | None]:
+    """dive's user bytes (the header sizes of every entry of every layer tar but the first) and the
+    wasted bytes as a fraction of them; None without user bytes (dive's NaN or +Inf)."""
+    user = sum(e["size"] for members in members_of(archive, ref, tag)[1:] for e in members)
+    return user, (wasted / user if user else None)
 
 
 def test_waste_names_the_layer_that_wasted_each_file(db):
@@ -446,18 +455,87 @@ def test_waste_ci_thresholds_set_the_exit_code(tmp_path):
     assert run_cli("import", str(SAMPLE), db_path=store).exit_code == 0
     (rep,) = load_json_lines(run_cli("waste", "sample:1.0", "--json", db_path=store).stdout)
     ok = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0.5", "--highest-wasted-bytes", "1kB",
-                 db_path=store)
+                 "--highest-user-wasted-percent", "0.5", db_path=store)
     assert ok.exit_code == 0 and ok.stderr == ""
     bad = run_cli("waste", "sample:1.0", "--ci", "--highest-wasted-bytes", str(rep["wasted_bytes"] - 1),
-                  db_path=store)
+                  "--highest-user-wasted-percent", "1", db_path=store)
     assert bad.exit_code == 1
     assert bad.stderr == (f"layerdb: error: waste check failed: wasted bytes {rep['wasted_bytes']} exceed "
                           f"{rep['wasted_bytes'] - 1}\n")
     assert "Efficiency:" in bad.stdout
-    bad = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "1", db_path=store)
+    bad = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "1", "--highest-user-wasted-percent", "1",
+                  db_path=store)
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "efficiency" in bad.stderr
     assert run_cli("waste", "sample:1.0", "--lowest-efficiency", "0.5", db_path=store).exit_code == 2
     assert run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "2", db_path=store).exit_code == 2
+
+
+def test_waste_user_wasted_percent_and_its_ci_rule(tmp_path):
+    """dive's third rule: wasted bytes over the user bytes (every layer but the base), 0.1 by default."""
+    store = tmp_path / "s.sqlite"
+    assert run_cli("import", str(SAMPLE), db_path=store).exit_code == 0
+    files, _, _ = expected_waste(SAMPLE, "sample", "sample:1.0", None)
+    wasted = sum(f[2] for f in files if f[4] is not None)
+    user, share = expected_user_share(SAMPLE, "sample:1.0", None, wasted)
+    assert (wasted, user) == (244, 613)  # layers 2..6 ship 361 + 183 + 0 + 67 + 2 file bytes
+    (rep,) = load_json_lines(run_cli("waste", "sample:1.0", "--json", db_path=store).stdout)
+    assert (rep["wasted_bytes"], rep["user_bytes"], rep["user_wasted_percent"]) == (wasted, user, share)
+    table = run_cli("waste", "sample:1.0", db_path=store).stdout
+    assert f"User wasted: {share * 100:.4f} % of the 613B of every layer but the first\n" in table
+
+    # dive fails when the threshold is below the share: at the share itself it passes.
+    at = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", "--highest-user-wasted-percent",
+                 repr(share), db_path=store)
+    assert at.exit_code == 0, at.stderr
+    below = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", "--highest-user-wasted-percent",
+                    "0.398", db_path=store)
+    assert below.exit_code == 1
+    assert below.stderr == ("layerdb: error: waste check failed: wasted bytes are 0.3980 of the user bytes, "
+                            "above 0.398\n")
+    default = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", db_path=store)  # 0.1, as dive
+    assert default.exit_code == 1 and "above 0.1\n" in default.stderr
+    assert run_cli("waste", "sample:1.0", "--highest-user-wasted-percent", "0.5", db_path=store).exit_code == 2
+    r = run_cli("waste", "sample:1.0", "--ci", "--highest-user-wasted-percent", "1.5", db_path=store)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "between 0 and 1" in r.stderr
+
+
+def _one_layer_archive(path, files: list[tuple[str, bytes]]) -> None:
+    """A docker-save archive of one image of one layer holding `files` in that order (names may repeat)."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
+            t.addfile(ti, io.BytesIO(data))
+    layer = layer.getvalue()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
+                         "history": [{"created_by": "one layer"}]}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": ["one:1"], "Layers": ["layer.tar"]}]).encode()
+    with tarfile.open(path, "w") as t:
+        for name, data in (("layer.tar", layer), (config_name, config), ("manifest.json", manifest)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("files,wasted,code", [
+    ([("a", b"12345")], 0, 0),  # dive: 0 / 0 = NaN, and NaN above the threshold is false: pass
+    ([("a", b"12345"), ("a", b"678")], 5, 1),  # the same path twice in one tar: 5 / 0 = +Inf: fail
+])
+def test_waste_user_share_of_a_one_layer_image(tmp_path, files, wasted, code):
+    archive, store = tmp_path / "one.tar", tmp_path / "s.sqlite"
+    _one_layer_archive(archive, files)
+    assert run_cli("import", str(archive), db_path=store).exit_code == 0
+    (rep,) = load_json_lines(run_cli("waste", "one:1", "--json", db_path=store).stdout)
+    assert (rep["wasted_bytes"], rep["user_bytes"], rep["user_wasted_percent"]) == (wasted, 0, None)
+    assert "User wasted: - of the 0B of every layer but the first" in run_cli("waste", "one:1", db_path=store).stdout
+    r = run_cli("waste", "one:1", "--ci", "--lowest-efficiency", "0", db_path=store)
+    assert r.exit_code == code
+    if code:
+        assert r.stderr == ("layerdb: error: waste check failed: wasted bytes 5 with no user bytes (one layer) "
+                            "exceed 0.1 of them\n")
 
 
 # log --all, -p, --at-version ---------------------------------------------------------------

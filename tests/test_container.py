@@ -186,6 +186,7 @@ def test_twin_operations_export_commit_and_layer(twins, tmp_path):
         members = {m.name: m for m in tar}
         assert tar.extractfile(members["srv/data/a.bin"]).read() == BIG
     assert members["app/run.sh"].mode == 0o700 and members["srv/data"].mode == 0o750
+    assert members["srv"].mtime == members["app/cache"].mtime == T  # made, and filled, at T
     assert {members[n].mtime for n in ("etc/motd", "app/current", "srv/data/a.bin")} == {T}
     assert members["etc/.wh.group"].size == 0 and members["app/cache/.wh..wh..opq"].size == 0
 
@@ -239,6 +240,13 @@ def test_apply_from_dir_records_the_difference(twins, tmp_path):
     assert manifest_of_tar_bytes(export_bytes(db, "applied"), tmp_path) == manifest_of_dir(host)
     assert db.container_apply("applied", str(host)) == 0  # nothing left to record
     a = db.container("applied").view
+    # A directory in which the operations created or removed names has the host's new mtime; the
+    # others kept the image's, as the host's did (export --dir sets them).  /tmp is the exception: the
+    # host's changed when tmp/scratch came and went, but apply records net changes only.
+    dirs = {p: n.mtime for p, n in a.walk() if n.type == "d"}
+    assert dirs.pop(b"tmp") == BASE
+    assert dirs == {p: int(os.lstat(os.path.join(host, os.fsdecode(p))).st_mtime) for p in dirs}
+    assert dirs[b"etc"] != BASE and dirs[b"app/cache"] != BASE and dirs[b"root"] == BASE
     assert a.get(b"app/VERSION") is a.get(b"app/version.txt")  # the host's hard links stay links
     assert a.get(b"app/config.hard") is a.get(b"app/config.ini")
     res = db.commit("applied", "sample:applied")
@@ -247,6 +255,182 @@ def test_apply_from_dir_records_the_difference(twins, tmp_path):
     # apply whites out what the directory lacks; a directory it still has (app/cache) is not reopened.
     assert {"bin/.wh.cat", "etc/.wh.group", "app/cache/.wh.new"} <= names
     assert "app/cache/.wh..wh..opq" not in names
+
+
+# Directory mtimes -----------------------------------------------------------------------
+
+BASE = 1_700_000_000  # every mtime in sample:1.0 (tests/fixtures/build.sh: buildah --timestamp)
+W = T + 3600  # the time of each write below
+
+
+def _mkdir_root(c):
+    c.mkdir("/srv", mtime=W)
+    assert c.view.get(b"").mtime == W  # the root's mtime changes too; a layer never holds the root
+
+
+def _touch_d(c):
+    c.write_file("/etc/newfile", b"", mtime=W)
+    c.utime("/etc/newfile", 1_000_000_000)  # touch -d: the file's mtime, not the directory's
+
+
+# What a container does (each write at time W), then its `container diff` and the entries of the
+# committed layer: (name, type, mtime, hard link target).  The reference is buildah 1.28 (vfs, chroot
+# isolation): the command that names each case run in a container of sample:1.0, then `buildah commit`
+# (its layer tar, read the same way) and `podman diff`.  They agree on every row and entry, with one
+# difference: for `ln`, buildah's layer holds etc/motd2 as a plain file, since its naive diff does not
+# see the link count change; layerdb puts both names, linked, as for every hard link it commits.
+DIR_MTIME_CASES = {
+    "touch /etc/newfile": (
+        lambda c: c.write_file("/etc/newfile", b"", mtime=W),
+        ["C /etc", "A /etc/newfile"],
+        [("etc", "d", W, ""), ("etc/newfile", "f", W, "")]),
+    "touch -d @1000000000 /etc/newfile": (
+        _touch_d,
+        ["C /etc", "A /etc/newfile"],
+        [("etc", "d", W, ""), ("etc/newfile", "f", 1_000_000_000, "")]),
+    "rm /etc/group": (
+        lambda c: c.remove("/etc/group", mtime=W),
+        ["C /etc", "D /etc/group"],
+        [("etc", "d", W, ""), ("etc/.wh.group", "f", W, "")]),
+    "rm -r /app/cache": (
+        lambda c: c.remove("/app/cache", recursive=True, mtime=W),
+        ["C /app", "D /app/cache"],
+        [("app", "d", W, ""), ("app/.wh.cache", "f", W, "")]),
+    "mv /etc/motd /app/motd": (
+        lambda c: c.rename("/etc/motd", "/app/motd", mtime=W),
+        ["C /app", "A /app/motd", "C /etc", "D /etc/motd"],
+        [("app", "d", W, ""), ("app/motd", "f", BASE, ""), ("etc", "d", W, ""), ("etc/.wh.motd", "f", W, "")]),
+    "mv /etc/motd /etc/group": (
+        lambda c: c.rename("/etc/motd", "/etc/group", mtime=W),
+        ["C /etc", "C /etc/group", "D /etc/motd"],
+        [("etc", "d", W, ""), ("etc/.wh.motd", "f", W, ""), ("etc/group", "f", BASE, "")]),
+    "mv /app/cache /etc/cache": (
+        lambda c: c.rename("/app/cache", "/etc/cache", mtime=W),
+        ["C /app", "D /app/cache", "C /etc", "A /etc/cache", "A /etc/cache/new"],
+        [("app", "d", W, ""), ("app/.wh.cache", "f", W, ""), ("etc", "d", W, ""), ("etc/cache", "d", BASE, ""),
+         ("etc/cache/new", "f", BASE, "")]),
+    "mkdir -p /srv/a/b": (
+        lambda c: c.mkdir("/srv/a/b", parents=True, mtime=W),
+        ["A /srv", "A /srv/a", "A /srv/a/b"],
+        [("srv", "d", W, ""), ("srv/a", "d", W, ""), ("srv/a/b", "d", W, "")]),
+    "mkdir /srv": (
+        _mkdir_root,
+        ["A /srv"],
+        [("srv", "d", W, "")]),
+    "ln /etc/motd /etc/motd2": (
+        lambda c: c.link("/etc/motd2", "/etc/motd", mtime=W),
+        ["C /etc", "A /etc/motd2"],
+        [("etc", "d", W, ""), ("etc/motd", "f", BASE, ""), ("etc/motd2", "h", BASE, "etc/motd")]),
+    # Changes to an existing name leave its directory's mtime alone (the directory is in the layer as
+    # the parent of an entry, with the image's mtime).  A directory whose mtime is all that changed is
+    # no change at all, for buildah and podman as for layerdb (as for docker: moby/moby#9874).
+    "touch /tmp/x; rm /tmp/x": (
+        lambda c: (c.write_file("/tmp/x", b"", mtime=W), c.remove("/tmp/x", mtime=W + 1)),
+        [],
+        []),
+    "touch -d @1000000000 /app": (
+        lambda c: c.utime("/app", 1_000_000_000),
+        [],
+        []),
+    "echo x >> /etc/motd": (
+        lambda c: c.append_file("/etc/motd", b"x\n", mtime=W),
+        ["C /etc", "C /etc/motd"],
+        [("etc", "d", BASE, ""), ("etc/motd", "f", W, "")]),
+    "echo x > /etc/motd": (
+        lambda c: c.write_file("/etc/motd", b"x\n", mtime=W),
+        ["C /etc", "C /etc/motd"],
+        [("etc", "d", BASE, ""), ("etc/motd", "f", W, "")]),
+    "chmod 600 /etc/motd": (
+        lambda c: c.chmod("/etc/motd", 0o600),
+        ["C /etc", "C /etc/motd"],
+        [("etc", "d", BASE, ""), ("etc/motd", "f", BASE, "")]),
+}
+
+
+def layer_mtimes(data: bytes) -> list[tuple[str, str, int, str]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, TAR_TYPE.get(m.type, "?"), m.mtime, m.linkname if m.islnk() else "") for m in tar]
+
+
+@pytest.mark.parametrize("case", list(DIR_MTIME_CASES))
+def test_directory_mtimes_diff_and_commit_as_buildah(sample, case):
+    do, want_diff, want_layer = DIR_MTIME_CASES[case]
+    assert sample.lookup("sample:1.0", "/etc").mtime == BASE and sample.lookup("sample:1.0", "/app").mtime == BASE
+    sample.container_create("sample:1.0", "c")
+    do(sample.container("c"))
+    assert [f"{r['change']} {r['path']}" for r in sample.container_diff("c")] == want_diff
+    res = sample.commit("c", "sample:case")
+    assert layer_mtimes(b"".join(sample.layer_tar(res["diff_id"]))) == want_layer
+    for name, _, mtime, _ in want_layer:  # the committed image shows what the container showed
+        if ".wh." not in name:
+            assert sample.lookup("sample:case", "/" + name).mtime == mtime
+    assert sample.lookup("sample:case", "/").mtime == sample.lookup("sample:1.0", "/").mtime
+
+
+def test_directory_mtime_is_the_time_of_the_write(sample):
+    import time
+
+    sample.container_create("sample:1.0", "c")
+    c = sample.container("c")
+    before = int(time.time())
+    sample.write_file("c", "/etc/newfile", b"", mtime=T)  # an explicit mtime is the write's time: both get it
+    assert (c.view.get(b"etc/newfile").mtime, c.view.get(b"etc").mtime) == (T, T)
+    sample.remove_path("c", "/etc/group")  # no mtime given: now
+    etc = c.view.get(b"etc").mtime
+    assert before <= etc <= int(time.time())
+    assert c.view.get(b"").mtime is None  # nothing was created or removed in the root
+
+    n = len(sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall())
+    sample.write_file("c", "/etc/newfile", b"again", mtime=T + 1)  # replaced in place (O_TRUNC)
+    sample.append_file("c", "/etc/motd", b"more\n", mtime=T + 2)
+    sample.chmod("c", "/etc/passwd", 0o600)
+    sample.utime("c", "/etc/passwd", T + 3)
+    sample.rename("c", "/app/VERSION", "/app/version.txt")  # two names of one file: nothing to do
+    assert c.view.get(b"etc").mtime == etc and c.view.get(b"app").mtime == BASE
+    events = sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall()
+    assert len(events) == n + 4  # one event per write, none for a directory
+    sample.write_file("c", "/etc/a", b"", mtime=T + 5)
+    sample.write_file("c", "/etc/b", b"", mtime=T + 5)  # /etc has that mtime already: one event
+    events = sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall()
+    assert len(events) == n + 4 + 3 and c.view.get(b"etc").mtime == T + 5
+
+    c.mknod("/etc/fifo", "p", mtime=T + 6)
+    c.symlink("/etc/sh", "/bin/sh", mtime=T + 7)
+    assert c.view.get(b"etc").mtime == T + 7
+    sample.mkdir("c", "/app/cache", parents=True, mtime=T + 8)  # exists: no write
+    assert c.view.get(b"app").mtime == BASE
+
+
+def test_copy_in_keeps_host_directory_mtimes(sample, tmp_path):
+    import time
+
+    site = tmp_path / "site"
+    (site / "css").mkdir(parents=True)
+    (site / "css" / "a.css").write_bytes(b"body{}")
+    os.utime(site / "css" / "a.css", (T, T))
+    os.utime(site / "css", (T + 1, T + 1))
+    os.utime(site, (T + 2, T + 2))
+    page = tmp_path / "index.html"
+    page.write_bytes(b"<p>\n")
+    os.utime(page, (T + 3, T + 3))
+    sample.container_create("sample:1.0", "c")
+    c = sample.container("c")
+    before = int(time.time())
+    sample.copy_in(str(site), "c", "/srv")  # a new tree: it keeps the host's mtimes; the root gets now
+    sample.copy_in(str(page), "c", "/etc")  # a new file in /etc: /etc gets now
+    after = int(time.time())
+    v = c.view
+    assert [v.get(p).mtime for p in (b"srv", b"srv/css", b"srv/css/a.css", b"etc/index.html")] == [T + 2, T + 1, T,
+                                                                                                  T + 3]
+    assert before <= v.get(b"").mtime <= after and before <= v.get(b"etc").mtime <= after
+    (site / "css" / "b.css").write_bytes(b"")
+    os.utime(site / "css", (T + 10, T + 10))
+    sample.copy_in(str(site / "css"), "c", "/srv")  # merged into /srv/css: a new name there, the host's mtime
+    assert (c.view.get(b"srv/css").mtime, c.view.get(b"srv").mtime) == (T + 10, T + 2)
+    res = sample.commit("c", "sample:site")
+    assert [e for e in layer_mtimes(b"".join(sample.layer_tar(res["diff_id"]))) if e[0].startswith("srv")] == [
+        ("srv", "d", T + 2, ""), ("srv/css", "d", T + 10, ""), ("srv/css/a.css", "f", T, ""),
+        ("srv/css/b.css", "f", int(os.stat(site / "css" / "b.css").st_mtime), "")]
 
 
 def test_log_order_replays_whiteouts_after_own_writes(sample):
@@ -340,16 +524,16 @@ def test_a_second_process_sees_writes_and_appends_after_them(sample, tmp_path):
     from layerdb.engine.api import LayerDB
 
     sample.container_create("sample:1.0", "c")
-    sample.write_file("c", "/a", b"1")
+    sample.write_file("c", "/a", b"1", mtime=T)  # a new name: the root directory's mtime becomes T too
     other = LayerDB(sample.store.path)
     try:
         assert other.container("c").view.get(b"a").size == 1
-        other.write_file("c", "/b", b"22")
-        sample.append_file("c", "/b", b"3")  # sees the other's write before appending
+        other.write_file("c", "/b", b"22", mtime=T)  # the root's mtime is T already: no event for it
+        sample.append_file("c", "/b", b"3", mtime=T)  # sees the other's write before appending
         assert b"".join(other.cat("c", "/b")) == b"223"
         seqs = [r[0] for r in sample.store.execute(
             "SELECT e.seq FROM event e JOIN container c ON c.diff_id = e.diff_id ORDER BY e.seq")]
-        assert seqs == list(range(len(seqs))) and len(seqs) == 3
+        assert seqs == list(range(len(seqs))) and len(seqs) == 4
     finally:
         other.close()
 
@@ -357,10 +541,10 @@ def test_a_second_process_sees_writes_and_appends_after_them(sample, tmp_path):
 def test_every_event_has_a_time_in_order(sample):
     sample.container_create("sample:1.0", "c")
     for i in range(5):
-        sample.write_file("c", f"/f{i}", b"x")
+        sample.write_file("c", f"/f{i}", b"x", mtime=T + i)  # each a file and the root's new mtime
     times = [r[0] for r in sample.store.execute(
         "SELECT e.time FROM event e JOIN container c ON c.diff_id = e.diff_id ORDER BY e.seq")]
-    assert len(times) == 5 and all(t is not None for t in times) and times == sorted(times)
+    assert len(times) == 10 and all(t is not None for t in times) and times == sorted(times)
 
 
 # CLI -------------------------------------------------------------------------------------
@@ -392,7 +576,8 @@ def test_cli_lifecycle_cp_diff_commit(tmp_path):
     rows = load_json_lines(run_cli("container", "diff", "web", "--json", db_path=dbp).output)
     assert [(x["path"], x["change"]) for x in rows][:2] == [("/etc", "C"), ("/etc/index.html", "A")]
     ls = load_json_lines(run_cli("container", "ls", "--json", db_path=dbp).output)
-    assert [(x["name"], x["id"], x["events"]) for x in ls] == [("web", created["id"], 4)]
+    # index.html and /etc's new mtime; /srv, /srv/css, a.css and the root's new mtime
+    assert [(x["name"], x["id"], x["events"]) for x in ls] == [("web", created["id"], 6)]
 
     r = run_cli("commit", "web", "site:1", "-m", "add site", "-c", 'ENTRYPOINT ["httpd"]', "-c", "CMD -f /srv",
                 "-c", "ENV A=1 B='two words'", "-c", "EXPOSE 8080", "-c", "LABEL k=v", "-c", "WORKDIR /srv",
