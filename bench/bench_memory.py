@@ -22,6 +22,7 @@ CASES = [  # (slug, why)
     (images.DEB_PYTHON, "Debian+python3"),
     ("bigfile-2", "150 MiB file + its edit"),
     ("smallfiles", "20k small files"),
+    ("manyfiles", "200k tiny files"),
     ("chain", "100 layers"),
 ]
 

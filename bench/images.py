@@ -3,7 +3,7 @@
 
     python3 bench/images.py            # build everything missing (~10 min the first time)
     python3 bench/images.py --list     # what exists, with sizes
-    python3 bench/images.py --only chain   # one group: debian, chain, bigfile, smallfiles
+    python3 bench/images.py --only chain   # one group: debian, chain, bigfile, smallfiles, manyfiles
 
 Everything lives under $LAYERDB_BENCH_DIR (default /var/tmp/layerdb-bench):
 
@@ -192,6 +192,17 @@ def _small_files(root: Path) -> None:
         pkg += 1
 
 
+MANY_FILES = 200_000
+
+
+def _many_files(root: Path) -> None:
+    """200k tiny files (a few hundred bytes, like a big monorepo's node_modules):
+    the image whose file count, not byte count, is large."""
+    rng = random.Random(200_000)
+    for i in range(MANY_FILES):
+        _write(root, f"srv/mono/pkg{i // 100:04d}/m{(i // 10) % 10}/f{i}.js", _text(rng, int(rng.lognormvariate(5.0, 0.8))))
+
+
 CHAIN_LAYERS = 100
 CHAIN_HOT = "etc/app/state.conf"  # modified in every layer of the chain
 
@@ -267,6 +278,7 @@ _stage(Stage("big", "sbase", "COPY big.bin /data/", py=_big, group="bigfile"))
 _stage(Stage("bigedit", "big", "RUN dd if=patch of=/data/big.bin bs=1M seek=75 conv=notrunc",
              py=_big_edit, group="bigfile"))
 _stage(Stage("small", "sbase", "COPY node_modules /app/node_modules", py=_small_files, group="smallfiles"))
+_stage(Stage("many", "sbase", "COPY mono /srv/mono", py=_many_files, group="manyfiles"))
 _stage(Stage("chain001", None, "COPY rootfs /", py=_chain_base, group="chain"))
 for _n in range(2, CHAIN_LAYERS + 1):
     _stage(Stage(f"chain{_n:03d}", f"chain{_n - 1:03d}", f"RUN update step {_n}", py=_chain_step(_n), group="chain"))
@@ -306,11 +318,12 @@ _image("chain", "bench/chain:100", [f"chain{n:03d}" for n in range(1, CHAIN_LAYE
 _image("bigfile-1", "bench/bigfile:1", ["sbase", "big"], "bigfile")
 _image("bigfile-2", "bench/bigfile:2", ["sbase", "big", "bigedit"], "bigfile")
 _image("smallfiles", "bench/smallfiles:1", ["sbase", "small"], "smallfiles")
+_image("manyfiles", "bench/manyfiles:1", ["sbase", "many"], "manyfiles")
 
 FAMILY = ["py-app-1", "py-app-2", "web-1", "web-2", "py-web-1"]
 DEB_PYTHON = "py-app-1"  # the "Debian + python3" image: base, apt install python3, app, config
 DEB_APACHE = "web-1"  # the "Debian + apache2" image
-GROUPS = ("debian", "chain", "bigfile", "smallfiles")
+GROUPS = ("debian", "chain", "bigfile", "smallfiles", "manyfiles")
 
 
 # Paths --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ streams; engine/importer.py decides what to keep.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform as _platform
 import tarfile
@@ -22,6 +23,10 @@ from .errors import ArchiveError, DigestMismatch, LayerFormatError
 READ_SIZE = 1 << 20
 # Manifests, indexes and configs are JSON read into memory: bound them.
 MAX_JSON = 16 << 20
+# Members that look like JSON are kept in memory from the first pass over the
+# archive, up to this many bytes in all, so that reading them later never seeks
+# back (see Archive).
+KEEP_JSON = 16 << 20
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -83,31 +88,86 @@ def parse_platform(s: str) -> tuple[str, str, str | None]:
 
 
 class Archive:
-    """An image archive opened for reading (random access over the outer tar)."""
+    """An image archive opened for reading (random access over the outer tar).
+
+    A gzipped archive (`docker save | gzip`) seeks back by decompressing again
+    from the start, so one seek back costs a whole pass.  Hence the first pass,
+    which lists the members, also keeps every member that looks like JSON
+    (manifests, indexes, configs; KEEP_JSON bytes in all, beyond which they are
+    read by seeking), and callers read layers in the order of `offset()`.  Then
+    an import decompresses the archive twice, however many layers it holds and
+    wherever the layout puts them.  In the Docker < 25 layout (`<id>/layer.tar`
+    directories sorted by id, manifest.json last) reading in manifest order cost
+    about a pass per layer: 5 images with 11 layers, 205 MiB gzipped, read 5.8
+    times in 13 s, now twice in 6.5 s; bench/chain:100 in that layout 47 times.
+    (A plain archive seeks cheaply: the importer reads its layers bottom first.)
+    """
 
     def __init__(self, path: str):
         self.path = path
+        self._file: _CountingFile | None = None
         try:
-            with open(path, "rb") as f:
-                magic = f.read(2)
+            self._file = _CountingFile(path)
+            magic = self._file.read(2)
+            self._file.seek(0)
             # `docker save | gzip` archives are accepted, as docker load does.
-            self.tar = tarfile.open(path, "r:gz" if magic == b"\x1f\x8b" else "r:")
+            self.compressed = magic == b"\x1f\x8b"
+            self.tar = tarfile.open(fileobj=io.BufferedReader(self._file), mode="r:gz" if self.compressed else "r:")
         except FileNotFoundError:
+            self._close_file()
             raise ArchiveError(f"{path}: no such file") from None
         except IsADirectoryError:
+            self._close_file()
             raise ArchiveError(f"{path}: is a directory, expected an archive file") from None
         except (tarfile.TarError, OSError) as e:
+            self._close_file()
             raise ArchiveError(f"{path}: not a tar archive ({e})") from None
         self.members: dict[str, tarfile.TarInfo] = {}
+        self._kept: dict[int, bytes] = {}  # header offset -> data of a member that looks like JSON
+        self._kept_bytes = 0
         try:
             for m in self.tar:
-                self.members[_norm(m.name).rstrip("/")] = m
-        except (tarfile.TarError, EOFError, OSError) as e:
-            self.tar.close()
+                name = _norm(m.name).rstrip("/")
+                old = self.members.get(name)
+                if old is not None:  # a later copy replaces the member (as tar x does)
+                    self._kept_bytes -= len(self._kept.pop(old.offset, b""))
+                self.members[name] = m
+                self._keep_if_json(m)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            self.close()
             raise ArchiveError(f"{path}: damaged archive ({e})") from None
+
+    def _keep_if_json(self, m: tarfile.TarInfo) -> None:
+        """Keep a member whose data starts like JSON, read now: the archive is
+        positioned at its data, so this costs no seek.  Anything odd (too large,
+        truncated) is left for open_member to read, and to report."""
+        if not m.isfile() or not 0 < m.size <= MAX_JSON or self._kept_bytes + m.size > KEEP_JSON:
+            return
+        f = self.tar.extractfile(m)
+        assert f is not None
+        try:
+            head = f.read(min(m.size, 64))
+            if head.lstrip(b" \t\r\n")[:1] not in (b"{", b"["):
+                return
+            data = head + f.read(m.size - len(head))
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            return
+        if len(data) == m.size:
+            self._kept[m.offset] = data
+            self._kept_bytes += m.size
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the archive file so far (a gzipped archive read twice: twice its size)."""
+        return self._file.count if self._file is not None else 0
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
     def close(self) -> None:
         self.tar.close()
+        self._close_file()
 
     def __enter__(self) -> "Archive":
         return self
@@ -142,8 +202,16 @@ class Archive:
             raise ArchiveError(f"{what}: {name} is missing from the archive")
         return m
 
+    def offset(self, name: str, what: str) -> int:
+        """Where the member (a symlink's target) lies in the archive: read members
+        in this order, and a gzipped archive is never decompressed again."""
+        return self._member(name, what).offset
+
     def open_member(self, name: str, what: str) -> tuple[BinaryIO, int]:
         m = self._member(name, what)
+        kept = self._kept.get(m.offset)
+        if kept is not None:
+            return io.BytesIO(kept), m.size
         f = self.tar.extractfile(m)
         assert f is not None
         return f, m.size
@@ -325,6 +393,29 @@ def _digest_from_name(name: str) -> str | None:
     if ext == "json" and len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
         return "sha256:" + stem
     return None
+
+
+class _CountingFile(io.FileIO):
+    """The archive file, counting the bytes read from it."""
+
+    def __init__(self, path: str):
+        super().__init__(path, "rb")
+        self.count = 0
+
+    def readinto(self, b) -> int | None:  # type: ignore[override]
+        n = super().readinto(b)
+        self.count += n or 0
+        return n
+
+    def read(self, size: int = -1) -> bytes | None:  # type: ignore[override]
+        b = super().read(size)
+        self.count += len(b or b"")
+        return b
+
+    def readall(self) -> bytes:
+        b = super().readall()
+        self.count += len(b)
+        return b
 
 
 # Layer streams --------------------------------------------------------------

@@ -117,37 +117,54 @@ class Importer:
             images = arc.images(platform)
             if tag is not None and len(images) != 1:
                 raise UsageError(f"--tag needs an archive with one image; {path} holds {len(images)}")
-            verified: dict[str, DiffResult] = {}  # archive member -> its checked diff
+            layers = self._plan(arc, images)
             self.content.reset()
             try:
                 with self.store.write():
                     # Blob rows of a pack are written when the pack is, after the
                     # events that name them: check references at commit instead.
                     self.store.execute("PRAGMA defer_foreign_keys = ON")
+                    diffs: dict[tuple[str, str], DiffResult] = {}
+                    for src, what in layers:
+                        d = diffs[src.member, src.diff_id] = self._import_layer(arc, src, what)
+                        if d.new:
+                            result.new_diffs += 1
+                        else:
+                            result.reused_diffs += 1
                     for img in images:
                         tags = [tag] if tag is not None else img.repo_tags
-                        result.images.append(self._import_image(arc, img, tags, verified, result))
+                        chain = [diffs[src.member, src.diff_id] for src in img.layers]
+                        cfg = json.loads(img.config)
+                        result.images.append(self.store_image(img.digest, img.config, cfg, chain, tags))
                     self.content.flush()
             except BaseException:
                 self.content.reset()
                 raise
+            result.bytes_read = arc.bytes_read
         return result
 
-    def _import_image(self, arc: Archive, img: ImageSource, tags: list[str], verified, result) -> dict:
-        cfg = json.loads(img.config)
-        diffs: list[DiffResult] = []
-        for i, src in enumerate(img.layers):
-            key = src.member
-            d = verified.get(key)
-            if d is None or d.diff_id != src.diff_id:
-                d = self._import_layer(arc, src, f"layer {i + 1} ({src.member})")
-                verified[key] = d
-                if d.new:
-                    result.new_diffs += 1
-                else:
-                    result.reused_diffs += 1
-            diffs.append(d)
-        return self.store_image(img.digest, img.config, cfg, diffs, tags)
+    @staticmethod
+    def _plan(arc: Archive, images: list[ImageSource]) -> list[tuple[LayerSource, str]]:
+        """Each layer blob the images name, once per (member, diff_id), in the order
+        to read them; a layer is named, in messages, after the first image and
+        position that list it.
+
+        A diff's events depend on its tar alone, never on the layers below it, so
+        the order changes no view, event or digest.  A gzipped archive is read in
+        the order its blobs lie in it: it seeks back only by decompressing again
+        from the start (see Archive), which cost a pass for about every layer of a
+        legacy `docker save`.  Other archives keep the images' order, bottom layer
+        first, so that a content several layers hold is stored with the lowest,
+        which more images share: removing an upper layer then leaves its packs
+        whole, without a repack by gc."""
+        todo: dict[tuple[str, str], tuple[LayerSource, str]] = {}
+        for img in images:
+            for i, src in enumerate(img.layers):
+                todo.setdefault((src.member, src.diff_id), (src, f"layer {i + 1} ({src.member})"))
+        plan = list(todo.values())
+        if arc.compressed:
+            plan.sort(key=lambda t: arc.offset(t[0].member, t[1]))
+        return plan
 
     def store_image(self, digest: str, config: bytes, cfg: dict, diffs: list[DiffResult], tags: list[str]) -> dict:
         """Record an image whose diffs are stored: its chain's layers, config, history and tags."""
