@@ -25,6 +25,8 @@ WH = b".wh."
 OPQ = b".wh..wh..opq"
 MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
 BATCH = 2000
+# Whether a diff puts something at a path (a file that is also a parent).
+NAMED_HERE = "SELECT 1 FROM event WHERE path_id = ? AND diff_id = ? AND kind = ? LIMIT 1"
 
 # progress(kind, done, total): kind is "layer" (bytes of the current blob) or "image".
 Progress = Callable[[str, int, int], None]
@@ -105,7 +107,7 @@ class Importer:
         pid = self._paths.get(path)
         if pid is None:
             pid = self._paths[path] = self.store.intern_path(path)
-            if len(self._paths) > 200_000:  # keep memory flat on huge layers
+            if len(self._paths) > 65_536:  # keep memory flat on huge layers (~10 MB at most)
                 self._paths.clear()
         return pid
 
@@ -263,7 +265,11 @@ class Importer:
         reader = TarReader(stream)
         framing = self.content.writer("framing")  # streamed: a big layer's headers never sit in memory
         rows: list[tuple] = []
-        present: set[bytes] = set()
+        # Parents the tar never names become implied directories.  Only
+        # directories are remembered (every file would make memory grow with
+        # the layer); a non-directory that is some entry's parent is looked up
+        # among this diff's events at the end.
+        named_dirs: set[bytes] = set()
         needed: set[bytes] = set()
         file_bytes = 0
         seq = -1
@@ -303,7 +309,8 @@ class Importer:
                 if not path:
                     if e.type != "d":
                         raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
-                present.add(path)
+                if e.type == "d":
+                    named_dirs.add(path)
                 needed.update(_ancestors(path))
                 target_id = link = None
                 if e.type == "h":
@@ -326,12 +333,17 @@ class Importer:
                 if progress:
                     progress("layer", stream.raw.count, blob_size)
         entries = seq + 1
-        # Parents that the tar never names are implied directories (mkdir -p).
-        implied = sorted(needed - present)
-        for i, p in enumerate(implied):
-            rows.append((diff_rowid, IMPLIED, entries + i, self._pid(p), "d", 0o755, 0, 0, None,
-                         None, None, None, None, None, None, None))
         self.store.conn.executemany(ins, rows)
+        rows.clear()
+        # Parents that the tar never names are implied directories (mkdir -p).
+        implied = []
+        for p in sorted(needed - named_dirs):
+            pid = self._pid(p)
+            if self.store.scalar(NAMED_HERE, (pid, diff_rowid, PUT)) is None:
+                implied.append(pid)
+        self.store.conn.executemany(ins, [
+            (diff_rowid, IMPLIED, entries + i, pid, "d", 0o755, 0, 0, None, None, None, None, None, None, None, None)
+            for i, pid in enumerate(implied)])
         framing.write(encode_framing_record(reader.trailer))
         stream.drain()
         stream.verify(src, what)

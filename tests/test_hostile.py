@@ -345,3 +345,26 @@ def test_export_dir_with_ids_out_of_range_fails_with_one_error_line(store, tmp_p
     r = run_cli("export", "--at", TAG, "--dir", str(tmp_path / "out"), db_path=store)
     line = one_error_line(r.exit_code, r.stdout, r.stderr)
     assert line.startswith(f"layerdb: error: export to {tmp_path / 'out'}: "), line
+
+
+def test_implied_parents_are_the_unnamed_ones_only(tmp_path):
+    """A layer naming x/y/z but not x or x/y implies both; a directory it names is
+    not implied; a file that is also some entry's parent is named, so not implied
+    either (replay turns it into a directory, as tar extraction does)."""
+    from hostile.make_hostile import entry, one_layer
+
+    from layerdb.engine.api import LayerDB
+    from layerdb.engine.kinds import IMPLIED
+
+    arch = one_layer(entry("x/y/z.txt", b"z"), entry("named/", type=tarfile.DIRTYPE), entry("named/n.txt", b"n"),
+                     entry("f", b"a file"), entry("f/g.txt", b"g"), why="COPY . /").write(tmp_path / "i.oci.tar")
+    with LayerDB(tmp_path / "s.sqlite") as db:
+        db.import_archive(str(arch), tag="implied:1")
+        top = db.store.scalar("SELECT max(id) FROM diff")
+        got = [bytes(p) for (p,) in db.store.execute(
+            "SELECT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ? AND e.kind = ?"
+            " ORDER BY e.seq", (top, IMPLIED))]
+        assert got == [b"x", b"x/y"]
+        view = {p: n.type for p, n in db.view("implied:1").walk() if p.split(b"/")[0] in (b"x", b"named", b"f")}
+    assert view == {b"x": "d", b"x/y": "d", b"x/y/z.txt": "f", b"named": "d", b"named/n.txt": "f", b"f": "d",
+                    b"f/g.txt": "f"}
