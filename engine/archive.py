@@ -133,6 +133,11 @@ class Archive:
                     self._kept_bytes -= len(self._kept.pop(old.offset, b""))
                 self.members[name] = m
                 self._keep_if_json(m)
+            if self.compressed:
+                # tarfile stops at the end-of-archive blocks; gzip checks its CRC
+                # and length only at the trailer, so read on to it.
+                while self.tar.fileobj.read(1 << 20):
+                    pass
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             self.close()
             raise ArchiveError(f"{path}: damaged archive ({e})") from None

@@ -307,3 +307,18 @@ def test_gzipped_hostile_archive_meets_the_same_fate(tmp_path, archive):
         except LayerdbError as e:
             fates.append((type(e).__name__, e.message))
     assert fates[1] == fates[0]
+
+
+@pytest.mark.parametrize("where", ["crc", "length"])
+def test_gzipped_archive_with_a_bad_trailer_is_damaged(tmp_path, where):
+    """The gzip trailer (CRC-32 and length of the whole tar) is checked too, though
+    tarfile itself stops reading at the end-of-archive blocks."""
+    gz = gzipped(_plain(tmp_path, "sample-legacy"), tmp_path / "bad.tar.gz")
+    data = bytearray(gz.read_bytes())
+    data[-8 if where == "crc" else -4] ^= 0x01
+    gz.write_bytes(bytes(data))
+    db = tmp_path / "s.sqlite"
+    r = run_cli("import", str(gz), db_path=db)
+    assert r.exit_code != 0
+    assert re.fullmatch(r"layerdb: error: .*bad\.tar\.gz: damaged archive \(.*\)\n", r.stderr), r.stderr
+    assert run_cli("images", "--json", db_path=db).stdout == ""
