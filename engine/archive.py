@@ -138,9 +138,22 @@ class Archive:
                 # and length only at the trailer, so read on to it.
                 while self.tar.fileobj.read(1 << 20):
                     pass
+            else:
+                self._check_end()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             self.close()
             raise ArchiveError(f"{path}: damaged archive ({e})") from None
+
+    def _check_end(self) -> None:
+        """tarfile ends its listing quietly at a header it cannot read, as at the
+        end-of-archive blocks: tell the two apart, so that damage is reported as
+        such and not as members missing from a shorter archive."""
+        at = self.tar.offset
+        self.tar.fileobj.seek(at)
+        block = self.tar.fileobj.read(tarfile.BLOCKSIZE)
+        if block.strip(b"\0"):
+            why = "truncated tar header" if len(block) < tarfile.BLOCKSIZE else "bad tar header"
+            raise tarfile.ReadError(f"{why} at offset {at}")
 
     def _keep_if_json(self, m: tarfile.TarInfo) -> None:
         """Keep a member whose data starts like JSON, read now: the archive is

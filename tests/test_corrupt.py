@@ -675,3 +675,26 @@ def test_import_all_twice_changes_nothing(tmp_path):
     size2 = checkpoint(db)
     assert store_dump(db) == dump1
     assert size2 == size1, f"(page_count, bytes) grew from {size1} to {size2}"
+
+
+@pytest.mark.parametrize("how", ["bad-header", "cut-in-header"])
+def test_damaged_outer_tar_header_is_reported_as_damage(tmp_path, how):
+    """tarfile stops listing quietly at a header it cannot read; the importer tells
+    that from the end-of-archive blocks and says the archive is damaged, rather
+    than that a member is missing."""
+    src = IMAGES / "sample.docker.tar"
+    with tarfile.open(src) as t:
+        members = t.getmembers()
+    at = members[len(members) // 2].offset
+    data = bytearray(src.read_bytes())
+    if how == "bad-header":
+        data[at] ^= 0x20  # the name's first byte: the header checksum no longer matches
+    else:
+        del data[at + 300:]
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "layerdb.cli", "--db", str(tmp_path / "s.sqlite"), "import", str(bad)],
+                       capture_output=True, text=True, env=cli_env(tmp_path))
+    why = "bad tar header" if how == "bad-header" else "truncated tar header"
+    assert r.returncode != 0
+    assert r.stderr == f"layerdb: error: {bad}: damaged archive ({why} at offset {at})\n"
