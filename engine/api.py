@@ -171,10 +171,14 @@ class LayerDB:
     # committing in between must not take contents the view still names.
 
     def export_tar(self, ref: str, out: BinaryIO, progress: Callable[[int, int], None] | None = None) -> int:
-        from .export import write_tar
+        """The view at REF as a tar, in tree order (engine/export.py).  An image's
+        view replays partition by partition when large: memory stays flat."""
+        from .export import TreeEntries, write_tar
 
         with self.store.read():
-            return write_tar(self.view(ref), self.content, out, progress)
+            r = refs.resolve(self.store, ref)
+            with TreeEntries(self.store, r.chain, whole=r.container is not None) as source:
+                return write_tar(source.batches(), self.content, out, progress, source.total)
 
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
         from .export import write_dir

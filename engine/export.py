@@ -7,13 +7,15 @@ import errno
 import os
 import stat
 import tarfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from . import tarwriter as tw
 from .chunks import Prefetch
 from .content import ContentStore
 from .errors import CorruptStore, LayerdbError, UsageError
-from .replay import Node, View
+from .kinds import IMPLIED, PUT, WHITEOUT
+from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, in_diffs, replay_key,
+                     tree_key)
 
 TAR_TYPES = {
     "f": tarfile.REGTYPE,
@@ -55,22 +57,37 @@ FLUSH_AT = 256 << 10
 TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE}
 
 
-def write_tar(view: View, content: ContentStore, out: BinaryIO,
-              progress: Callable[[int, int], None] | None = None) -> int:
-    """Stream the view as a tar; hard-linked names after the first become tar hard links."""
-    entries = list(view.walk())
-    first_name: dict[int, bytes] = {}
-    packed = content.locate(node.blob_id for node in view.nodes.values() if node.type == "f" and node.size)
-    # What the helper thread decodes, in the order the writer needs it: each
+# An entry of the tar: path, node, and for a later name of a file the tar
+# already holds, that first name (it becomes a tar hard link).
+Entry = tuple[bytes, Node, "bytes | None"]
+
+
+def write_tar(batches: Iterable[list[Entry]], content: ContentStore, out: BinaryIO,
+              progress: Callable[[int, int], None] | None = None, total: int = 0) -> int:
+    """Stream entries (batches of them, in tar order) as a tar.  `total` is
+    what progress reports as the whole (an estimate is fine)."""
+    buf = bytearray()  # headers and small contents: a write call per entry cost more than its bytes
+    n = 0
+    for entries in batches:
+        n = _write_entries(entries, content, out, buf, n, progress, max(total, n + len(entries)))
+    buf += tw.END
+    out.write(buf)
+    if progress:
+        progress(n, n)
+    return n
+
+
+def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, buf: bytearray, n: int,
+                   progress: Callable[[int, int], None] | None, total: int) -> int:
+    packed = content.locate(node.blob_id for _, node, first in entries
+                            if first is None and node.type == "f" and node.size)
+    # What the helper threads decode, in the order the writer needs it: each
     # pack once, where its first file goes out, and every large content.
     work: list[bytes] = []  # chunk ids
     uses: dict[bytes, int] = {}  # pack -> files still to write from it
     chunk_count: dict[int, int] = {}  # large content -> its number of chunks
-    for path, node in entries:
-        if node.type == "f" and id(node) not in first_name:
-            first_name[id(node)] = path
-            if not node.size:
-                continue
+    for path, node, first in entries:
+        if first is None and node.type == "f" and node.size:
             where = packed.get(node.blob_id)
             if where is None:
                 shas = content.chunk_list(node.blob_id)
@@ -80,17 +97,11 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                 if where[0] not in uses:
                     work.append(where[0])
                 uses[where[0]] = uses.get(where[0], 0) + 1
-    first_name.clear()
     decoded: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
     evicted: set[bytes] = set()
-    total = len(entries)
-    n = 0
-    # Headers and small contents gather in one buffer: a write call per entry
-    # cost more than the entry's bytes.  Large pieces go out directly.
-    buf = bytearray()
     header = tw.header
     with Prefetch(content.chunks, work) as fetched:
-        for path, node in entries:
+        for path, node, first in entries:
             n += 1
             type_ = node.type
             xattrs = node.xattr_dict() if node.xattrs else None
@@ -99,11 +110,9 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
             if type_ == "d":
                 buf += header(path + b"/", tw.DIRTYPE, *meta, 0, mtime, xattrs=xattrs)
                 continue
-            key = id(node)
-            if key in first_name:
-                buf += header(path, tw.LNKTYPE, *meta, 0, mtime, first_name[key], xattrs=xattrs)
+            if first is not None:
+                buf += header(path, tw.LNKTYPE, *meta, 0, mtime, first, xattrs=xattrs)
                 continue
-            first_name[key] = path
             if type_ == "f":
                 size = node.size or 0
                 buf += header(path, tw.REGTYPE, *meta, size, mtime, xattrs=xattrs)
@@ -151,11 +160,182 @@ def write_tar(view: View, content: ContentStore, out: BinaryIO,
                 buf.clear()
             if progress and n % 500 == 0:
                 progress(n, total)
-    buf += tw.END
-    out.write(buf)
-    if progress:
-        progress(n, total)
     return n
+
+
+# What the tar holds, in its order -------------------------------------------------
+#
+# Every tar export lists the view in tree order (replay.tree_key): a directory,
+# then its subtree, siblings by raw bytes, as GNU `tar --sort=name` does.  The
+# first name of a file with several names carries the data; later names are
+# tar hard links to it.
+#
+# A small chain replays whole.  A large image replays in partitions: runs of
+# PARTITION_PATHS consecutive paths in that order, each replayed from only the
+# events that decide it (replay.closure_events: the events on its paths, their
+# ancestors and their hard-link partners, looked up by path in the chain's
+# diffs), so memory holds one partition's view, never the whole image's.  The
+# chain's paths themselves wait, sorted, in a temporary table (on disk).  Both
+# ways give the same tar, byte for byte (tests/test_export_memory.py).
+
+WHOLE_EVENTS = 32768  # chains with up to this many events replay whole: one sequential read, ~40 MB at most
+PARTITION_PATHS = 4096  # paths per partition: a few MB of view and work lists (larger ones ran no faster)
+
+_TEMP = "temp.layerdb_export"  # per connection; gone when it closes
+_CREATE = ("CREATE TEMP TABLE IF NOT EXISTS layerdb_export(k BLOB NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (k, id))"
+           " WITHOUT ROWID")
+_FILL = (f"INSERT OR IGNORE INTO {_TEMP}(k, id) SELECT {TREE_KEY_SQL.format('p.path')}, p.id"
+         " FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ?")
+PAGE = (f"SELECT x.k, x.id, p.path FROM {_TEMP} x JOIN path p ON p.id = x.id WHERE (x.k, x.id) > (?, ?)"
+        " ORDER BY x.k, x.id LIMIT ?")
+SUBTREE = "SELECT id, path FROM path WHERE path > ? AND path < ?"
+EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id FROM event e INDEXED BY event_by_path"
+              " WHERE e.path_id IN ({}) AND {}")
+_BATCH = 500
+
+
+class TreeEntries:
+    """The entries of a chain's view in tree order, as batches for write_tar.
+
+    whole=True replays the whole chain at once whatever its size (a
+    container's log, whose events are not by path).  Use as a context manager:
+    it drops the temporary table.
+    """
+
+    def __init__(self, store, chain: list[tuple[int, int]], whole: bool = False):
+        self.store = store
+        self.chain = chain
+        self.view: View | None = None
+        self.partitioned = False
+        if not whole:
+            events = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for _, d in chain)
+            self.partitioned = events > WHOLE_EVENTS
+        if self.partitioned:
+            store.execute(_CREATE)
+            store.execute(f"DELETE FROM {_TEMP}")
+            for d in sorted({d for _, d in chain}):
+                store.execute(_FILL, (d,))
+            self.total = store.scalar(f"SELECT count(*) FROM {_TEMP}") - 1  # the root is no entry
+        else:
+            self.view = View().replay(chain_events(store.conn, chain))
+            self.total = len(self.view.nodes) - 1
+
+    def __enter__(self) -> "TreeEntries":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.view = None
+        if self.partitioned:
+            self.store.execute(f"DROP TABLE IF EXISTS {_TEMP}")
+
+    def batches(self) -> Iterator[list[Entry]]:
+        if not self.partitioned:
+            view, self.view = self.view, None
+            paths = sorted((p for p in view.nodes if p), key=tree_key)
+            yield _entries(view, paths, None)
+            return
+        after: tuple[bytes, int] = (b"", 1 << 62)  # past the root ('' sorts first)
+        while True:
+            rows = self.store.execute(PAGE, (*after, PARTITION_PATHS)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0], rows[-1][1]
+            yield self._partition([(pid, path) for _, pid, path in rows])
+
+    def _partition(self, members: list[tuple[int, bytes]]) -> list[Entry]:
+        """Replay what decides these paths (consecutive in tree order) and list them."""
+        names = {p for _, p in members}
+        known = list(members)
+        while True:
+            events = closure_events(self.store, [self.chain], [members[0][1]], known=known)[0]
+            more = self._undecided(events, names, members[-1][1])
+            if not more:
+                break
+            known.extend(more)
+        view = View().replay(events)
+        first = None
+        if any(ev.kind == PUT and ev.type == "h" for ev in events):
+            first = _first_names(view)
+        return _entries(view, [p for _, p in members], first)
+
+    def _undecided(self, events: list[Event], names: set[bytes], last: bytes) -> list[tuple[int, bytes]]:
+        """Paths whose events the replay lacks although they change a path it decides.
+
+        The closure leaves out one effect: an event below a path P makes P a
+        directory (mkdir -p) when P is a file or a link at that moment.  Within
+        the partition every path's subtree is there, except for the last path
+        and its ancestors, whose subtrees go on into the next partitions, and
+        for the paths from outside (ancestors before it, hard-link partners).
+        For those of them that are ever something else than a directory, the
+        events below them after that moment join the replay (they almost
+        never exist: a file has nothing below it).
+        """
+        spine = {last}
+        q = last
+        while q:
+            q = _parent(q)
+            spine.add(q)
+        since: dict[bytes, tuple] = {}
+        for ev in events:
+            if ev.kind == PUT and ev.type != "d" and (ev.path not in names or ev.path in spine):
+                if ev.path not in since:  # events come in replay order: the first is the earliest
+                    since[ev.path] = replay_key(ev)
+        if not since:
+            return []
+        have = {ev.path for ev in events}
+        pos_of: dict[int, list[int]] = {}
+        for pos, d in self.chain:
+            pos_of.setdefault(d, []).append(pos)
+        in_chain, diffs = in_diffs(list(pos_of))
+        more: list[tuple[int, bytes]] = []
+        for top, key in since.items():
+            below = self.store.execute(SUBTREE, (top + b"/", top + b"0")).fetchall()
+            for i in range(0, len(below), _BATCH):
+                part = dict(below[i : i + _BATCH])
+                marks = ",".join("?" * len(part))
+                for d, kind, seq, pid in self.store.execute(EVENT_KEYS.format(marks, in_chain), [*part, *diffs]):
+                    path = part[pid]
+                    if path in have or kind not in (WHITEOUT, IMPLIED, PUT):
+                        continue
+                    if any((pos, kind, seq) > key for pos in pos_of.get(d, ())):
+                        have.add(path)
+                        more.append((pid, path))
+        return more
+
+
+def _first_names(view: View) -> dict[int, bytes]:
+    """For every non-directory node, its first name in tree order."""
+    first: dict[int, bytes] = {}
+    for p, node in view.nodes.items():
+        if node.type != "d":
+            k = id(node)
+            q = first.get(k)
+            if q is None or tree_key(p) < tree_key(q):
+                first[k] = p
+    return first
+
+
+def _entries(view: View, paths: list[bytes], first: dict[int, bytes] | None) -> list[Entry]:
+    """The entries for these paths (in tree order; those not in the view skipped).
+    A later name of a node names its first one: from `first` when given (the
+    first name may lie in another partition), else the first met in `paths`."""
+    out: list[Entry] = []
+    seen: dict[int, bytes] = {}
+    nodes = view.nodes
+    for p in paths:
+        node = nodes.get(p)
+        if node is None or not p:
+            continue
+        if node.type == "d":
+            out.append((p, node, None))
+            continue
+        if first is not None:
+            f = first[id(node)]
+            out.append((p, node, f if f != p else None))
+        else:
+            f = seen.setdefault(id(node), p)
+            out.append((p, node, f if f != p else None))
+    return out
 
 
 # Directory export --------------------------------------------------------------

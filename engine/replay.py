@@ -114,8 +114,29 @@ def chain_events(conn, chain: list[tuple[int, int]]) -> Iterator[Event]:
 
 
 PATH_ID = "SELECT id FROM path WHERE path = ?"
+# Every event on some paths, or every link naming them, in any diff of the store.
 EVENTS_ON = f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.path_id IN ({{}})"
 LINKS_NAMING = "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({})"
+# The same, restricted to the chains' diffs in SQL, so the cost follows the
+# chains, not the number of images in the store that hold these paths.
+# INDEXED BY: with a long IN list the planner would rather walk whole diffs
+# by primary key (seconds instead of a fraction for a large partition).  The
+# last {} is in_diffs(): an IN list for a chain, a rowid range for many chains.
+EVENTS_IN = (f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e INDEXED BY event_by_path {EVENT_JOINS}"
+             " WHERE e.path_id IN ({}) AND {}")
+LINKS_IN = ("SELECT DISTINCT p.path FROM event e INDEXED BY event_by_target JOIN path p ON p.id = e.path_id"
+            " WHERE e.target_id IN ({}) AND {}")
+_MAX_DIFFS = 32  # an IN list costs one index seek per (path, diff): beyond this, one range per path
+
+
+def in_diffs(diffs: list[int]) -> tuple[str, list[int]]:
+    """A condition on e.diff_id that an index on (x, diff_id) serves, and its arguments."""
+    diffs = sorted(set(diffs))
+    if len(diffs) <= _MAX_DIFFS:
+        return f"e.diff_id IN ({','.join('?' * len(diffs))})", diffs
+    return "e.diff_id BETWEEN ? AND ?", [diffs[0], diffs[-1]]
+
+
 _BATCH = 500  # ids per IN (...): far below SQLite's limit on bound parameters
 _TARGET = 13  # where an EVENTS_ON row holds the hard-link target
 
@@ -127,8 +148,9 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
     under those relations.  `known` adds (path id, path) pairs without their
     ancestors (a subtree the caller already enumerated).
 
-    Uses the (path_id, diff_id) index: the cost follows the number of events
-    on those paths, not the depth of the chains.
+    Uses the (path_id, diff_id) index, on the chains' diffs only: the cost
+    follows the number of events on those paths in the chains, not the depth
+    of the chains nor the other images in the store.
     """
     pos_of: list[dict[int, list[int]]] = []
     for chain in chains:
@@ -136,6 +158,7 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
         for pos, diff in chain:
             m.setdefault(diff, []).append(pos)
         pos_of.append(m)
+    in_chain, diffs = in_diffs([d for m in pos_of for d in m])
     events: list[list[Event]] = [[] for _ in chains]
     wanted: set[bytes] = set()
     pending: list[int] = []
@@ -160,17 +183,31 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
         for i in range(0, len(pending), _BATCH):
             ids = pending[i : i + _BATCH]
             marks = ",".join("?" * len(ids))
-            for r in store.execute(EVENTS_ON.format(marks), ids):
-                hit = False
-                for m, out in zip(pos_of, events):
-                    for pos in m.get(r[0], ()):
-                        out.append(Event(pos, *r[1:]))
-                        hit = True
-                target = r[_TARGET]
-                if hit and target is not None and target not in wanted:
-                    todo.append(target)
+            rows = store.execute(EVENTS_IN.format(marks, in_chain), ids + diffs)
+            if len(chains) == 1:  # export's partitions: many rows, one chain
+                m, out = pos_of[0], events[0]
+                for r in rows:
+                    poss = m.get(r[0])
+                    if poss is None:
+                        continue  # another chain's diff within the rowid range (long chains)
+                    ev = r[1:]
+                    for pos in poss:
+                        out.append(Event(pos, *ev))
+                    target = r[_TARGET]
+                    if target is not None and target not in wanted:
+                        todo.append(target)
+            else:
+                for r in rows:
+                    hit = False
+                    for m, out in zip(pos_of, events):
+                        for pos in m.get(r[0], ()):
+                            out.append(Event(pos, *r[1:]))
+                            hit = True
+                    target = r[_TARGET]
+                    if hit and target is not None and target not in wanted:
+                        todo.append(target)
             # A hard link elsewhere that names one of these paths shares (and changes) its file.
-            for (lp,) in store.execute(LINKS_NAMING.format(marks), ids):
+            for (lp,) in store.execute(LINKS_IN.format(marks, in_chain), ids + diffs):
                 if lp not in wanted:
                     todo.append(lp)
         pending = []
@@ -182,6 +219,17 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
 def _parent(path: bytes) -> bytes:
     i = path.rfind(b"/")
     return path[:i] if i >= 0 else b""
+
+
+def tree_key(path: bytes) -> bytes:
+    """The export order (GNU tar --sort=name): depth first, a directory before
+    its children, siblings by raw bytes.  '/' becomes NUL, which sorts below
+    every byte of a name (import refuses NUL in names), so `a/x` comes before
+    `a.b` although '/' > '.'.  TREE_KEY_SQL is the same key in SQL."""
+    return path.replace(b"/", b"\0")
+
+
+TREE_KEY_SQL = "CAST(replace({}, '/', x'00') AS BLOB)"
 
 
 class View:
@@ -302,4 +350,5 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "diff_events", "replay_key", "IGNORED"]
+__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "diff_events", "replay_key", "tree_key",
+           "IGNORED"]
