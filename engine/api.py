@@ -13,7 +13,7 @@ from . import refs
 from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
-from .replay import Event, Node, View, chain_events, closure_events
+from .replay import Event, Node, View, chain_events, closure_events, undecided
 from .store import Store, default_db_path
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
@@ -124,7 +124,13 @@ class LayerDB:
 
     def _closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
         """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""
-        return closure_events(self.store, [r.chain], [path])[0]
+        known: list[tuple[int, bytes]] = []
+        while True:
+            events = closure_events(self.store, [r.chain], [path], known=known)[0]
+            more = undecided(self.store, r.chain, events)
+            if not more:
+                return events
+            known.extend(more)
 
     def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
         """One path at REF, without replaying the whole chain."""

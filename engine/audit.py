@@ -26,7 +26,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
 from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import Event, Node, View, chain_events, closure_events, diff_events
+from .replay import SUBTREE, Event, Node, View, chain_events, closure_events, diff_events
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -118,7 +118,6 @@ SCOPE_EVENTS = (
     "SELECT e.kind, p.path, e.type, t.path FROM event e JOIN path p ON p.id = e.path_id"
     " LEFT JOIN path t ON t.id = e.target_id WHERE e.diff_id = ?"
 )
-SUBTREE_IDS = "SELECT id, path FROM path WHERE path > ? AND path < ?"
 
 
 def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:
@@ -145,7 +144,7 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> lis
         return None
     subtrees: list[tuple[int, bytes]] = []
     for root in sorted(roots):
-        subtrees.extend(store.execute(SUBTREE_IDS, _subtree_bounds(root)))
+        subtrees.extend(store.execute(SUBTREE, _subtree_bounds(root)))
     events = closure_events(store, chains, named, known=subtrees)
     views = []
     for evs in events:

@@ -13,9 +13,9 @@ from . import tarwriter as tw
 from .chunks import Prefetch
 from .content import ContentStore
 from .errors import CorruptStore, LayerdbError, UsageError
-from .kinds import IMPLIED, PUT, WHITEOUT
-from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, in_diffs, replay_key,
-                     tree_key)
+from .kinds import PUT
+from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, tree_key,
+                     undecided)
 
 TAR_TYPES = {
     "f": tarfile.REGTYPE,
@@ -188,9 +188,6 @@ _FILL = (f"INSERT OR IGNORE INTO {_TEMP}(k, id) SELECT {TREE_KEY_SQL.format('p.p
          " FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ?")
 PAGE = (f"SELECT x.k, x.id, p.path FROM {_TEMP} x JOIN path p ON p.id = x.id WHERE (x.k, x.id) > (?, ?)"
         " ORDER BY x.k, x.id LIMIT ?")
-SUBTREE = "SELECT id, path FROM path WHERE path > ? AND path < ?"
-EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id FROM event e INDEXED BY event_by_path"
-              " WHERE e.path_id IN ({}) AND {}")
 _BATCH = 500
 
 
@@ -259,48 +256,16 @@ class TreeEntries:
         return _entries(view, [p for _, p in members], first)
 
     def _undecided(self, events: list[Event], names: set[bytes], last: bytes) -> list[tuple[int, bytes]]:
-        """Paths whose events the replay lacks although they change a path it decides.
-
-        The closure leaves out one effect: an event below a path P makes P a
-        directory (mkdir -p) when P is a file or a link at that moment.  Within
-        the partition every path's subtree is there, except for the last path
-        and its ancestors, whose subtrees go on into the next partitions, and
-        for the paths from outside (ancestors before it, hard-link partners).
-        For those of them that are ever something else than a directory, the
-        events below them after that moment join the replay (they almost
-        never exist: a file has nothing below it).
-        """
+        """Within the partition every path's subtree is there, except for the last
+        path and its ancestors, whose subtrees go on into the next partitions,
+        and for the paths from outside (ancestors before it, hard-link
+        partners): only those can miss events below them."""
         spine = {last}
         q = last
         while q:
             q = _parent(q)
             spine.add(q)
-        since: dict[bytes, tuple] = {}
-        for ev in events:
-            if ev.kind == PUT and ev.type != "d" and (ev.path not in names or ev.path in spine):
-                if ev.path not in since:  # events come in replay order: the first is the earliest
-                    since[ev.path] = replay_key(ev)
-        if not since:
-            return []
-        have = {ev.path for ev in events}
-        pos_of: dict[int, list[int]] = {}
-        for pos, d in self.chain:
-            pos_of.setdefault(d, []).append(pos)
-        in_chain, diffs = in_diffs(list(pos_of))
-        more: list[tuple[int, bytes]] = []
-        for top, key in since.items():
-            below = self.store.execute(SUBTREE, (top + b"/", top + b"0")).fetchall()
-            for i in range(0, len(below), _BATCH):
-                part = dict(below[i : i + _BATCH])
-                marks = ",".join("?" * len(part))
-                for d, kind, seq, pid in self.store.execute(EVENT_KEYS.format(marks, in_chain), [*part, *diffs]):
-                    path = part[pid]
-                    if path in have or kind not in (WHITEOUT, IMPLIED, PUT):
-                        continue
-                    if any((pos, kind, seq) > key for pos in pos_of.get(d, ())):
-                        have.add(path)
-                        more.append((pid, path))
-        return more
+        return undecided(self.store, self.chain, events, lambda p: p not in names or p in spine)
 
 
 def _first_names(view: View) -> dict[int, bytes]:

@@ -23,7 +23,7 @@ order for events gathered from several diffs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
 
@@ -114,11 +114,9 @@ def chain_events(conn, chain: list[tuple[int, int]]) -> Iterator[Event]:
 
 
 PATH_ID = "SELECT id FROM path WHERE path = ?"
-# Every event on some paths, or every link naming them, in any diff of the store.
-EVENTS_ON = f"SELECT e.diff_id, {EVENT_COLUMNS} FROM event e {EVENT_JOINS} WHERE e.path_id IN ({{}})"
-LINKS_NAMING = "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.target_id IN ({})"
-# The same, restricted to the chains' diffs in SQL, so the cost follows the
-# chains, not the number of images in the store that hold these paths.
+# Every event on some paths, or every link naming them, in the chains' diffs:
+# restricted in SQL, so the cost follows the chains, not the number of images
+# in the store that hold these paths.
 # INDEXED BY: with a long IN list the planner would rather walk whole diffs
 # by primary key (seconds instead of a fraction for a large partition).  The
 # last {} is in_diffs(): an IN list for a chain, a rowid range for many chains.
@@ -138,7 +136,7 @@ def in_diffs(diffs: list[int]) -> tuple[str, list[int]]:
 
 
 _BATCH = 500  # ids per IN (...): far below SQLite's limit on bound parameters
-_TARGET = 13  # where an EVENTS_ON row holds the hard-link target
+_TARGET = 13  # where an EVENTS_IN row holds the hard-link target
 
 
 def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[bytes],
@@ -214,6 +212,49 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
     for evs in events:
         evs.sort(key=replay_key)
     return events
+
+
+SUBTREE = "SELECT id, path FROM path WHERE path > ? AND path < ?"
+EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id FROM event e INDEXED BY event_by_path"
+              " WHERE e.path_id IN ({}) AND {}")
+
+
+def undecided(store, chain: list[tuple[int, int]], events: list[Event],
+              might_miss: Callable[[bytes], bool] = lambda p: True) -> list[tuple[int, bytes]]:
+    """Paths (id, path) whose events a closure lacks although they change a path it decides.
+
+    closure_events leaves out one effect: an event below a path P makes P a
+    directory (mkdir -p) when P is a file or a link at that moment, as when a
+    tar names P as a file and then P/x.  For the non-directories P of `events`
+    that might_miss says may lack them, the chain's later events below P are
+    returned; callers add them to the closure (`known`) until none are left.
+    They almost never exist: a file has nothing below it.
+    """
+    since: dict[bytes, tuple] = {}
+    for ev in events:
+        if ev.kind == PUT and ev.type != "d" and ev.path not in since and might_miss(ev.path):
+            since[ev.path] = replay_key(ev)  # events come in replay order: the first is the earliest
+    if not since:
+        return []
+    have = {ev.path for ev in events}
+    pos_of: dict[int, list[int]] = {}
+    for pos, d in chain:
+        pos_of.setdefault(d, []).append(pos)
+    in_chain, diffs = in_diffs(list(pos_of))
+    more: list[tuple[int, bytes]] = []
+    for top, key in since.items():
+        below = store.execute(SUBTREE, (top + b"/", top + b"0")).fetchall()
+        for i in range(0, len(below), _BATCH):
+            part = dict(below[i : i + _BATCH])
+            marks = ",".join("?" * len(part))
+            for d, kind, seq, pid in store.execute(EVENT_KEYS.format(marks, in_chain), [*part, *diffs]):
+                path = part[pid]
+                if path in have or kind not in (WHITEOUT, IMPLIED, PUT):
+                    continue
+                if any((pos, kind, seq) > key for pos in pos_of.get(d, ())):
+                    have.add(path)
+                    more.append((pid, path))
+    return more
 
 
 def _parent(path: bytes) -> bytes:
@@ -350,5 +391,5 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "diff_events", "replay_key", "tree_key",
+__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "undecided", "diff_events", "replay_key", "tree_key",
            "IGNORED"]

@@ -341,9 +341,9 @@ def test_find_lookups_use_indexes(db):
         (audit.LOG_DIFFS, (1,)),
         (audit.SCOPE_EVENTS, (1,)),
         (replay.PATH_ID, (b"etc",)),
-        (audit.SUBTREE_IDS, (b"etc/", b"etc0")),
-        (replay.EVENTS_ON.format("?,?"), (1, 2)),
-        (replay.LINKS_NAMING.format("?,?"), (1, 2)),
+        (replay.SUBTREE, (b"etc/", b"etc0")),
+        (replay.EVENTS_IN.format("?,?", "e.diff_id IN (?,?)"), (1, 2, 1, 2)),
+        (replay.LINKS_IN.format("?,?", "e.diff_id IN (?,?)"), (1, 2, 1, 2)),
     ]
     for name, path in (("libssl.so*", None), (None, "/usr/lib/*"), ("lib*", "/usr/*"), ("x", None),
                        ("libssl.so*", "*/lib/*")):

@@ -220,7 +220,7 @@ def test_export_lookups_use_indexes(db):
         checks = [
             (replay.EVENTS_IN.format(marks, cond), ids + dargs, "event_by_path (path_id=? AND diff_id"),
             (replay.LINKS_IN.format(marks, cond), ids + dargs, "event_by_target (target_id=? AND diff_id"),
-            (export.EVENT_KEYS.format(marks, cond), ids + dargs, "event_by_path (path_id=? AND diff_id"),
+            (replay.EVENT_KEYS.format(marks, cond), ids + dargs, "event_by_path (path_id=? AND diff_id"),
         ]
         for sql, args, want in checks:
             plan = [row[3] for row in db.store.execute("EXPLAIN QUERY PLAN " + sql, args)]
@@ -230,7 +230,7 @@ def test_export_lookups_use_indexes(db):
     for sql, args, want in [
         (export._FILL, (1,), "PRIMARY KEY (diff_id=?)"),
         (export.PAGE, (b"", 0, 10), "PRIMARY KEY"),
-        (export.SUBTREE, (b"etc/", b"etc0"), "(path>? AND path<?)"),
+        (replay.SUBTREE, (b"etc/", b"etc0"), "(path>? AND path<?)"),
     ]:
         plan = [row[3] for row in db.store.execute("EXPLAIN QUERY PLAN " + sql, args)]
         assert any(want in step for step in plan), (sql, plan)

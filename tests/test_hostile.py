@@ -368,3 +368,24 @@ def test_implied_parents_are_the_unnamed_ones_only(tmp_path):
         view = {p: n.type for p, n in db.view("implied:1").walk() if p.split(b"/")[0] in (b"x", b"named", b"f")}
     assert view == {b"x": "d", b"x/y": "d", b"x/y/z.txt": "f", b"named": "d", b"named/n.txt": "f", b"f": "d",
                     b"f/g.txt": "f"}
+
+
+def test_cat_and_log_see_a_file_that_a_later_entry_turned_into_a_directory(tmp_path):
+    """A tar naming f as a file and then f/g.txt leaves f a directory (mkdir -p, as
+    the full replay does): the per-path lookups must agree with the view."""
+    from hostile.make_hostile import entry, one_layer
+
+    from layerdb.engine.api import LayerDB
+    from layerdb.engine.errors import UsageError
+
+    arch = one_layer(entry("f", b"a file"), entry("f/g.txt", b"g"), why="COPY . /").write(tmp_path / "i.oci.tar")
+    with LayerDB(tmp_path / "s.sqlite") as db:
+        db.import_archive(str(arch), tag="implied:1")
+        assert db.view("implied:1").get(b"f").type == "d"
+        assert db.lookup("implied:1", "/f").type == "d"
+        with pytest.raises(UsageError, match="is a directory"):
+            b"".join(db.cat("implied:1", "/f"))
+        assert b"".join(db.cat("implied:1", "/f/g.txt")) == b"g"
+    r = run_cli("log", "/f", "--image", "implied:1", "--json", db_path=tmp_path / "s.sqlite")
+    rows = load_json_lines(r.stdout)
+    assert r.exit_code == 0 and rows[-1]["type"] == "d", rows
