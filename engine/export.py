@@ -53,6 +53,7 @@ def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
 # this, the oldest is dropped and read again if wanted (memory stays flat).
 MAX_HELD_PACKS = 32
 FLUSH_AT = 256 << 10
+DIRECT_AT = 64 << 10  # pieces at least this large are written as they are, not copied into the buffer
 
 TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE}
 
@@ -139,7 +140,7 @@ def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, b
                             decoded.pop(pack, None)  # its last file: memory holds packs still in use
                     for piece in pieces:
                         got += len(piece)
-                        if len(piece) >= FLUSH_AT:
+                        if len(piece) >= DIRECT_AT:
                             out.write(buf)
                             buf.clear()
                             out.write(piece)
