@@ -764,7 +764,7 @@ def _need_root() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/images.py: building images needs root (debootstrap, chroot, mount); "
                  "run `sudo python3 bench/images.py` once, then the benches reuse the cache")
-    for tool, pkg in (("skopeo", "skopeo"), ("umoci", "umoci"), ("debootstrap", "debootstrap")):
+    for tool, pkg in (("skopeo", "skopeo"), ("umoci", "umoci"), ("debootstrap", "debootstrap"), ("/usr/bin/time", "time")):
         if not shutil.which(tool):
             subprocess.run(["apt-get", "install", "-y", pkg], check=True)
 
