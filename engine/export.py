@@ -363,13 +363,26 @@ def _fd_path(dfd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dfd, name)
 
 
-def write_dir(view: View, content: ContentStore, target: str, allow_devices: bool = False) -> int:
+def _refuse_special(path: bytes, node: Node) -> None:
     # Special files are refused unless asked for, as tarfile.data_filter does.
+    kind = "a fifo" if node.type == "p" else "a device file"
+    raise UsageError(f"the view holds {kind} (/{_s(path)}); pass --allow-devices to create special files")
+
+
+def write_dir(view: View, content: ContentStore, target: str, allow_devices: bool = False) -> int:
+    """A view (a container's subtree, say) into a new directory."""
     if not allow_devices:
         for path, node in view.walk():
             if node.type in ("c", "b", "p"):
-                kind = "a fifo" if node.type == "p" else "a device file"
-                raise UsageError(f"the view holds {kind} (/{_s(path)}); pass --allow-devices to create special files")
+                _refuse_special(path, node)
+    paths = sorted((p for p in view.nodes if p), key=tree_key)
+    return write_dir_entries([_entries(view, paths, None)], content, target)
+
+
+def write_dir_entries(batches: Iterable[list[Entry]], content: ContentStore, target: str) -> int:
+    """Entries in tree order (TreeEntries.batches) into a new directory that nothing
+    escapes.  Memory holds a batch and the directories (their modes and times are
+    set last)."""
     if os.path.lexists(target):
         if not os.path.isdir(target) or os.path.islink(target):
             raise UsageError(f"--dir {target}: exists and is not a directory")
@@ -379,22 +392,19 @@ def write_dir(view: View, content: ContentStore, target: str, allow_devices: boo
         os.makedirs(target)
     w = _DirWriter(target)
     dirs: list[tuple[bytes, Node]] = []
-    first: dict[int, bytes] = {}
     n = 0
     try:
-        for path, node in view.walk():
+        for path, node, first in (e for batch in batches for e in batch):
             n += 1
             dfd, name = w.split(path)
             if node.type == "d":
                 os.mkdir(name, 0o700, dir_fd=dfd)
                 dirs.append((path, node))
                 continue
-            key = id(node)
-            if key in first:
-                sfd, sname = w.split(first[key])
+            if first is not None:
+                sfd, sname = w.split(first)
                 os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
                 continue
-            first[key] = path
             if node.type == "f":
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                              0o600, dir_fd=dfd)

@@ -24,14 +24,18 @@ from layerdb.engine.errors import LayerdbError
 D, H, L = tarfile.DIRTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE
 
 
+def _replaying(m, partition: int | None) -> None:
+    """Replay the whole view at once (partition None) or in partitions of that many paths."""
+    if partition is None:
+        m.setattr(export, "WHOLE_EVENTS", 1 << 62)
+    else:
+        m.setattr(export, "WHOLE_EVENTS", 0)
+        m.setattr(export, "PARTITION_PATHS", partition)
+
+
 def _tar(db, ref: str, monkeypatch, partition: int | None) -> bytes:
-    """The export with the whole view replayed at once (partition None) or in partitions of that many paths."""
     with monkeypatch.context() as m:
-        if partition is None:
-            m.setattr(export, "WHOLE_EVENTS", 1 << 62)
-        else:
-            m.setattr(export, "WHOLE_EVENTS", 0)
-            m.setattr(export, "PARTITION_PATHS", partition)
+        _replaying(m, partition)
         buf = io.BytesIO()
         db.export_tar(ref, buf)
         return buf.getvalue()
@@ -122,6 +126,32 @@ def test_many_images_sharing_paths(db, monkeypatch):
     assert len(refs) > 20
     for ref in refs:
         _same_all_ways(db, ref, monkeypatch, sizes=(2,))
+
+
+def _dir_manifest(db, ref: str, target, monkeypatch, partition: int | None) -> list[str]:
+    """`export --dir` of the whole view or in partitions, as tree_manifest lines."""
+    from tree_manifest import manifest_lines
+
+    with monkeypatch.context() as m:
+        _replaying(m, partition)
+        db.export_dir(ref, str(target))
+    return list(manifest_lines(str(target)))
+
+
+@pytest.mark.parametrize("archive", _archives(REPO_FIXTURES), ids=lambda p: p.name)
+def test_export_dir_partitioned_equals_whole(db, archive, tmp_path, monkeypatch):
+    """`export --dir` replays in partitions too: the same tree (the manifest of
+    tests/tree_manifest.py: every entry's type, mode, owner, size, content hash,
+    link target and hard links) as the whole view gives, and as the tar export."""
+    db.import_archive(str(archive))
+    for i, ref in enumerate(_refs(db)):
+        whole = _dir_manifest(db, ref, tmp_path / f"w{i}", monkeypatch, None)
+        assert _dir_manifest(db, ref, tmp_path / f"p{i}", monkeypatch, 2) == whole, ref
+        tar = tmp_path / f"t{i}.tar"
+        tar.write_bytes(_tar(db, ref, monkeypatch, 2))
+        from tree_manifest import manifest_lines
+
+        assert list(manifest_lines(str(tar))) == whole, ref
 
 
 # Chains built to break a replay that lacks an event --------------------------------

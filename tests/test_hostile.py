@@ -389,3 +389,30 @@ def test_cat_and_log_see_a_file_that_a_later_entry_turned_into_a_directory(tmp_p
     r = run_cli("log", "/f", "--image", "implied:1", "--json", db_path=tmp_path / "s.sqlite")
     rows = load_json_lines(r.stdout)
     assert r.exit_code == 0 and rows[-1]["type"] == "d", rows
+
+
+def test_export_dir_device_check_follows_whiteouts_and_hard_links(tmp_path):
+    """The special-file check looks up only the paths that ever held one: a device
+    deleted by a later layer is no obstacle; one still reachable through a hard
+    link is refused under the link's name."""
+    from hostile.make_hostile import entry, layer, on_top, tar_bytes
+
+    from layerdb.engine.api import LayerDB
+
+    dev = entry("d/mem", type=tarfile.CHRTYPE)
+    dev[0].devmajor, dev[0].devminor = 1, 3
+    gone = on_top([layer(tar_bytes([entry("d/", type=tarfile.DIRTYPE), dev]), "mknod"),
+                   layer(tar_bytes([entry("d/.wh.mem")]), "rm d/mem")]).write(tmp_path / "gone.oci.tar")
+    linked = on_top([layer(tar_bytes([entry("d/", type=tarfile.DIRTYPE), dev,
+                                      entry("e/m2", type=tarfile.LNKTYPE, linkname="d/mem")]), "mknod; ln"),
+                     layer(tar_bytes([entry("d/.wh.mem")]), "rm d/mem")]).write(tmp_path / "linked.oci.tar")
+    with LayerDB(tmp_path / "s.sqlite") as db:
+        db.import_archive(str(gone), tag="gone:1")
+        db.import_archive(str(linked), tag="linked:1")
+        db.export_dir("gone:1", str(tmp_path / "a"))
+        assert not (tmp_path / "a" / "d" / "mem").exists() and (tmp_path / "a" / "d").is_dir()
+        with pytest.raises(UsageError, match=r"a device file \(/e/m2\)"):
+            db.export_dir("linked:1", str(tmp_path / "b"))
+        assert not (tmp_path / "b").exists() or not os.listdir(tmp_path / "b")
+        with pytest.raises(UsageError, match=r"a device file \(/d/mem\)"):
+            db.export_dir("linked:1~1", str(tmp_path / "c"))
