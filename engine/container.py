@@ -42,7 +42,6 @@ from typing import BinaryIO, Iterable, Iterator
 from . import refs
 from .content import ContentStore
 from .errors import NoSuchPath, NotFound, PathError, UsageError
-from .export import tarinfo
 from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
 from .importer import _ancestors as ancestors, _parent as parent
 from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events
@@ -950,6 +949,38 @@ class _HashingWriter:
         self.sha.update(b)
         self.size += len(b)
         return self.f.write(b)
+
+
+TAR_TYPES = {
+    "f": tarfile.REGTYPE,
+    "d": tarfile.DIRTYPE,
+    "l": tarfile.SYMTYPE,
+    "p": tarfile.FIFOTYPE,
+    "c": tarfile.CHRTYPE,
+    "b": tarfile.BLKTYPE,
+}
+
+
+def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(_text(path))
+    ti.type = TAR_TYPES[node.type]
+    ti.mode = node.mode or 0
+    ti.uid, ti.gid = node.uid or 0, node.gid or 0
+    ti.uname = ti.gname = ""
+    ti.mtime = node.mtime or 0
+    if node.type == "f":
+        ti.size = node.size or 0
+    elif node.type == "l":
+        ti.linkname = _text(node.link or b"")
+    elif node.type in ("c", "b"):
+        ti.devmajor, ti.devminor = node.devmajor or 0, node.devminor or 0
+    if node.xattrs:
+        ti.pax_headers = {"SCHILY.xattr." + k: _text(v) for k, v in node.xattr_dict().items()}
+    return ti
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
 
 
 def write_layer(entries: list[Entry], content: ContentStore, store: Store, f: BinaryIO) -> tuple[str, int]:

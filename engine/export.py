@@ -6,7 +6,6 @@ import collections
 import errno
 import os
 import stat
-import tarfile
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from . import tarwriter as tw
@@ -17,36 +16,8 @@ from .kinds import PUT
 from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, tree_key,
                      undecided)
 
-TAR_TYPES = {
-    "f": tarfile.REGTYPE,
-    "d": tarfile.DIRTYPE,
-    "l": tarfile.SYMTYPE,
-    "p": tarfile.FIFOTYPE,
-    "c": tarfile.CHRTYPE,
-    "b": tarfile.BLKTYPE,
-}
-
-
 def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
-
-
-def tarinfo(path: bytes, node: Node) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(_s(path))
-    ti.type = TAR_TYPES[node.type]
-    ti.mode = node.mode or 0
-    ti.uid, ti.gid = node.uid or 0, node.gid or 0
-    ti.uname = ti.gname = ""
-    ti.mtime = node.mtime or 0
-    if node.type == "f":
-        ti.size = node.size or 0
-    elif node.type == "l":
-        ti.linkname = _s(node.link or b"")
-    elif node.type in ("c", "b"):
-        ti.devmajor, ti.devminor = node.devmajor or 0, node.devminor or 0
-    if node.xattrs:
-        ti.pax_headers = {"SCHILY.xattr." + k: _s(v) for k, v in node.xattr_dict().items()}
-    return ti
 
 
 # Packs (1 MiB each) kept decoded while later files still need them; beyond
