@@ -54,11 +54,13 @@ def diff_cmd(ctx, ref1, ref2, as_json, stat):
 
     Content is compared by sha256; C lines say whether the content, only the
     metadata (mode, owner, mtime, link target, xattrs) or the type changed.
-    Any two views compare, also of unrelated images.
+    Any two views compare, also of unrelated images.  Paths come in tree
+    order (a directory, then everything below it; siblings by raw bytes),
+    streamed: memory stays flat however many files the images hold.
     """
     from layerdb.engine import audit
 
-    rows = audit.diff(open_db(ctx), ref1, ref2)
+    rows = audit.iter_diff(open_db(ctx), ref1, ref2)
     if stat:
         s = audit.diff_stat(rows)
         if as_json:

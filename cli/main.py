@@ -219,13 +219,20 @@ def history(ctx, image, as_json, no_trunc, changes):
 @at_option
 @click.argument("path", default="/")
 @click.option("-l", "long", is_flag=True, help="Type, mode, owner, size, mtime and the layer that last changed each entry.")
-@click.option("-R", "recursive", is_flag=True, help="List subdirectories recursively.")
+@click.option("-R", "recursive", is_flag=True,
+              help="List subdirectories recursively, in tree order (a directory, then everything below it).")
 @json_option
 @click.pass_context
 def view(ctx, ref, path, long, recursive, as_json):
-    """List the file tree at REF (a directory's entries, or -R everything below)."""
+    """List the file tree at REF (a directory's entries, or -R everything below).
+
+    A directory's entries come sorted by name (raw bytes).  -R lists the whole
+    subtree in tree order, as `export` writes it (GNU tar --sort=name: a
+    directory, then its subtree, siblings by raw bytes), streamed: memory stays
+    flat however many files the image holds.
+    """
     db = open_db(ctx)
-    rows = db.listing(ref, path, recursive=recursive)
+    rows = db.iter_listing(ref, path, recursive=recursive)
     if as_json:
         for r in rows:
             render.json_line(r)

@@ -14,7 +14,7 @@ from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
 from .kinds import PUT
-from .replay import Event, Node, View, chain_events, closure_events, undecided
+from .replay import Event, Node, View, chain_events, closure_events, tree_key, undecided
 from .store import Store, default_db_path
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
@@ -156,20 +156,61 @@ class LayerDB:
                 yield from self.content.iter_blob(node.blob_id)
 
     def listing(self, ref: str, path: str | bytes = b"", recursive: bool = False) -> list[dict]:
-        """Entries of a directory at REF (or the one entry, for a non-directory), as dicts."""
+        """Entries of a directory at REF (or the one entry, for a non-directory), as dicts.
+
+        A directory's own entries come sorted by raw bytes; recursive=True lists
+        everything below it in tree order (replay.tree_key, as export writes
+        it).  iter_listing() gives the same rows as a stream."""
+        return list(self.iter_listing(ref, path, recursive))
+
+    def iter_listing(self, ref: str, path: str | bytes = b"", recursive: bool = False) -> Iterator[dict]:
+        """listing() as an iterator.  Errors (no such path) are raised here, before
+        the first row.  recursive=True streams the subtree in tree order from
+        export.TreeEntries (a large image replays partition by partition), so
+        memory stays flat however many files the image holds."""
         p = parse_path(path)
+        if not recursive:
+            with self.store.read():
+                r = refs.resolve(self.store, ref)
+                view = View().replay(chain_events(self.store.conn, r.chain))
+            chain_ids = {li.position: li.chain_id for li in r.layers}
+            node = view.get(p)
+            if node is None:
+                raise NotFound(f"{show_path(p)}: no such file or directory at {ref}")
+            entries = [(p, node)] if node.type != "d" else view.list_dir(p)
+            return iter([node_dict(q, n, chain_ids) for q, n in entries])
+        rows = self._tree_rows(ref, p)
+        next(rows)  # resolves and checks the path: errors come before the first row
+        return rows
+
+    def _tree_rows(self, ref: str, top: bytes) -> Iterator[dict | None]:
+        """None once REF and top are checked, then every entry below top (not top
+        itself; a non-directory: that entry), in tree order, streamed.  One read
+        transaction from the resolution to the last row."""
+        from .export import TreeEntries
+
         with self.store.read():
             r = refs.resolve(self.store, ref)
-            view = View().replay(chain_events(self.store.conn, r.chain))
-        chain_ids = {li.position: li.chain_id for li in r.layers}
-        node = view.get(p)
-        if node is None:
-            raise NotFound(f"{show_path(p)}: no such file or directory at {ref}")
-        if node.type != "d":
-            entries = [(p, node)]
-        else:
-            entries = list(view.walk(p)) if recursive else view.list_dir(p)
-        return [node_dict(q, n, chain_ids) for q, n in entries]
+            chain_ids = {li.position: li.chain_id for li in r.layers}
+            if top:
+                node = View().replay(self._closure_events(r, top)).get(top)
+                if node is None:
+                    raise NotFound(f"{show_path(top)}: no such file or directory at {ref}")
+                if node.type != "d":
+                    yield None
+                    yield node_dict(top, node, chain_ids)
+                    return
+            yield None
+            prefix = tree_key(top) + b"\0" if top else b""
+            with TreeEntries(self.store, r.chain, whole=r.container is not None) as source:
+                inside = False
+                for batch in source.batches():
+                    for q, n, _ in batch:
+                        if tree_key(q).startswith(prefix):
+                            inside = True
+                            yield node_dict(q, n, chain_ids)
+                        elif inside:
+                            return  # a subtree is one run in tree order: past it, done
 
 
     # Export -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
 from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import SUBTREE, Event, Node, View, chain_events, closure_events, diff_events
+from .replay import SUBTREE, Event, Node, View, closure_events, diff_events, tree_key
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -125,9 +125,17 @@ def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:
     return path + b"/", path + b"0"
 
 
-def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> list[View] | None:
+def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int,
+                      limit: int | None = None) -> list[View] | None:
     """Views of the given chains (which share their first k layers), replayed only
-    from the events that can differ between them; None when that is everything."""
+    from the events that can differ between them; None when that is everything,
+    or when more than `limit` paths are in reach (events above the prefix, then
+    named paths and subtrees below deletions and replacements)."""
+    if limit is not None:
+        above = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (diff,))
+                    for chain in chains for _, diff in chain[k:])
+        if above > limit:
+            return None
     named: set[bytes] = set()
     roots: set[bytes] = set()
     for chain in chains:
@@ -145,6 +153,8 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int) -> lis
     subtrees: list[tuple[int, bytes]] = []
     for root in sorted(roots):
         subtrees.extend(store.execute(SUBTREE, _subtree_bounds(root)))
+        if limit is not None and len(named) + len(subtrees) > limit:
+            return None
     events = closure_events(store, chains, named, known=subtrees)
     views = []
     for evs in events:
@@ -163,8 +173,9 @@ def _common_prefix(a: refs.Resolved, b: refs.Resolved) -> int:
 
 
 def compare_views(va: View, vb: View) -> list[dict]:
+    """The change rows from va to vb, in tree order (replay.tree_key)."""
     rows = []
-    for p in sorted(va.nodes.keys() | vb.nodes.keys()):
+    for p in sorted(va.nodes.keys() | vb.nodes.keys(), key=tree_key):
         if not p:
             continue  # the root always exists; its attributes are not an image change
         a, b = va.nodes.get(p), vb.nodes.get(p)
@@ -175,20 +186,76 @@ def compare_views(va: View, vb: View) -> list[dict]:
 
 
 def diff(db: LayerDB, ref1: str, ref2: str, restrict: bool = True) -> list[dict]:
-    """A/C/D per path from the view at ref1 to the view at ref2, sorted by path.
+    """A/C/D per path from the view at ref1 to the view at ref2, in tree order
+    (replay.tree_key: a directory, then its subtree, siblings by raw bytes).
 
-    restrict=False always replays both whole views (the reference the
-    restricted replay is tested against).
+    restrict=False never takes the restricted replay: both views are compared
+    in full (the reference the restricted replay is tested against).
+    iter_diff() gives the same rows as a stream.
     """
+    return list(iter_diff(db, ref1, ref2, restrict))
+
+
+def iter_diff(db: LayerDB, ref1: str, ref2: str, restrict: bool = True) -> Iterator[dict]:
+    """diff() as an iterator; errors in the refs are raised here, before the first row.
+
+    Refs sharing a chain prefix, whose layers above it reach at most
+    RESTRICTED_PATHS paths, replay only those (_restricted_views).  Otherwise
+    both views stream in tree order from export.TreeEntries (a large chain
+    replays partition by partition) and are merged path by path: memory stays
+    flat however many files the images hold.
+    """
+    rows = _diff_rows(db, ref1, ref2, restrict)
+    next(rows)
+    return rows
+
+
+# Beyond this many paths in reach, the restricted replay's two views would hold
+# as much as a whole one: the streamed comparison is used instead.
+RESTRICTED_PATHS = 32768
+
+
+def _diff_rows(db: LayerDB, ref1: str, ref2: str, restrict: bool) -> Iterator[dict | None]:
+    from .export import TreeEntries
+
     store = db.store
     with store.read():
         a = refs.resolve(store, ref1)
         b = refs.resolve(store, ref2)
         k = _common_prefix(a, b)
-        views = _restricted_views(store, [a.chain, b.chain], k) if restrict and k else None
-        if views is None:
-            views = [View().replay(chain_events(store.conn, r.chain)) for r in (a, b)]
-    return compare_views(*views)
+        views = _restricted_views(store, [a.chain, b.chain], k, RESTRICTED_PATHS) if restrict and k else None
+        yield None
+        if views is not None:
+            yield from compare_views(*views)
+            return
+        with TreeEntries(store, a.chain, whole=a.container is not None, temp="layerdb_diff_a") as ta, \
+                TreeEntries(store, b.chain, whole=b.container is not None, temp="layerdb_diff_b") as tb:
+            yield from _compare_streams(ta.batches(), tb.batches())
+
+
+def _tree_stream(batches) -> Iterator[tuple[bytes, bytes, Node]]:
+    for batch in batches:
+        for p, node, _ in batch:
+            yield tree_key(p), p, node
+
+
+def _compare_streams(xa, xb) -> Iterator[dict]:
+    """Two views' entries (batches in tree order) merged path by path: the change rows."""
+    ia, ib = _tree_stream(xa), _tree_stream(xb)
+    x, y = next(ia, None), next(ib, None)
+    while x is not None or y is not None:
+        if y is None or (x is not None and x[0] < y[0]):
+            p, na, nb = x[1], x[2], None
+            x = next(ia, None)
+        elif x is None or y[0] < x[0]:
+            p, na, nb = y[1], None, y[2]
+            y = next(ib, None)
+        else:
+            p, na, nb = x[1], x[2], y[2]
+            x, y = next(ia, None), next(ib, None)
+        c = classify(state(na), state(nb))
+        if c is not None:
+            yield _change_row(p, na, nb, c)
 
 
 def diff_stat(rows: Iterable[dict]) -> dict:

@@ -153,13 +153,21 @@ def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, b
 WHOLE_EVENTS = 32768  # chains with up to this many events replay whole: one sequential read, ~40 MB at most
 PARTITION_PATHS = 4096  # paths per partition: a few MB of view and work lists (larger ones ran no faster)
 
-_TEMP = "temp.layerdb_export"  # per connection; gone when it closes
-_CREATE = ("CREATE TEMP TABLE IF NOT EXISTS layerdb_export(k BLOB NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (k, id))"
-           " WITHOUT ROWID")
-_FILL = (f"INSERT OR IGNORE INTO {_TEMP}(k, id) SELECT {TREE_KEY_SQL.format('p.path')}, p.id"
-         " FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ?")
-PAGE = (f"SELECT x.k, x.id, p.path FROM {_TEMP} x JOIN path p ON p.id = x.id WHERE (x.k, x.id) > (?, ?)"
-        " ORDER BY x.k, x.id LIMIT ?")
+def _temp_sql(name: str) -> tuple[str, str, str, str]:
+    """The temporary table of paths (per connection; gone when it closes) and the
+    statements on it.  Two TreeEntries open at once on one connection (diff
+    merges two views) need tables of different names."""
+    temp = f"temp.{name}"
+    create = (f"CREATE TEMP TABLE IF NOT EXISTS {name}(k BLOB NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (k, id))"
+              " WITHOUT ROWID")
+    fill = (f"INSERT OR IGNORE INTO {temp}(k, id) SELECT {TREE_KEY_SQL.format('p.path')}, p.id"
+            " FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ?")
+    page = (f"SELECT x.k, x.id, p.path FROM {temp} x JOIN path p ON p.id = x.id WHERE (x.k, x.id) > (?, ?)"
+            " ORDER BY x.k, x.id LIMIT ?")
+    return temp, create, fill, page
+
+
+_TEMP, _CREATE, _FILL, PAGE = _temp_sql("layerdb_export")
 _BATCH = 500
 
 
@@ -168,11 +176,13 @@ class TreeEntries:
 
     whole=True replays the whole chain at once whatever its size (a
     container's log, whose events are not by path).  Use as a context manager:
-    it drops the temporary table.
+    it drops the temporary table.  `temp` names that table: two TreeEntries
+    open at once on one connection need different names.
     """
 
-    def __init__(self, store, chain: list[tuple[int, int]], whole: bool = False):
+    def __init__(self, store, chain: list[tuple[int, int]], whole: bool = False, temp: str = "layerdb_export"):
         self.store = store
+        self._temp, create, fill, self._page = _temp_sql(temp)
         self.chain = chain
         self.view: View | None = None
         self.partitioned = False
@@ -180,11 +190,11 @@ class TreeEntries:
             events = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for _, d in chain)
             self.partitioned = events > WHOLE_EVENTS
         if self.partitioned:
-            store.execute(_CREATE)
-            store.execute(f"DELETE FROM {_TEMP}")
+            store.execute(create)
+            store.execute(f"DELETE FROM {self._temp}")
             for d in sorted({d for _, d in chain}):
-                store.execute(_FILL, (d,))
-            self.total = store.scalar(f"SELECT count(*) FROM {_TEMP}") - 1  # the root is no entry
+                store.execute(fill, (d,))
+            self.total = store.scalar(f"SELECT count(*) FROM {self._temp}") - 1  # the root is no entry
         else:
             self.view = View().replay(chain_events(store.conn, chain))
             self.total = len(self.view.nodes) - 1
@@ -195,7 +205,7 @@ class TreeEntries:
     def __exit__(self, *exc: object) -> None:
         self.view = None
         if self.partitioned:
-            self.store.execute(f"DROP TABLE IF EXISTS {_TEMP}")
+            self.store.execute(f"DROP TABLE IF EXISTS {self._temp}")
 
     def batches(self) -> Iterator[list[Entry]]:
         if not self.partitioned:
@@ -205,7 +215,7 @@ class TreeEntries:
             return
         after: tuple[bytes, int] = (b"", 1 << 62)  # past the root ('' sorts first)
         while True:
-            rows = self.store.execute(PAGE, (*after, PARTITION_PATHS)).fetchall()
+            rows = self.store.execute(self._page, (*after, PARTITION_PATHS)).fetchall()
             if not rows:
                 return
             after = rows[-1][0], rows[-1][1]

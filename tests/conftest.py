@@ -78,3 +78,21 @@ def store_dump(path: Path) -> list:
 
 def load_json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def replaying(m: pytest.MonkeyPatch, partition: int | None) -> None:
+    """Within monkeypatch context m: replay views whole (partition None) or in
+    partitions of that many paths (engine/export.py TreeEntries)."""
+    from layerdb.engine import export
+
+    if partition is None:
+        m.setattr(export, "WHOLE_EVENTS", 1 << 62)
+    else:
+        m.setattr(export, "WHOLE_EVENTS", 0)
+        m.setattr(export, "PARTITION_PATHS", partition)
+
+
+def fixture_archives(root: Path) -> list[Path]:
+    """The image archives of a fixture tree (tests/fixtures or ../shared/fixtures)."""
+    images = root / "images"
+    return sorted(images.glob("*.tar")) if images.is_dir() else []

@@ -17,25 +17,16 @@ import tarfile
 
 import pytest
 
-from conftest import REPO_FIXTURES, SHARED_FIXTURES
+from conftest import REPO_FIXTURES, SHARED_FIXTURES, fixture_archives, replaying
 from layerdb.engine import export
 from layerdb.engine.errors import LayerdbError
 
 D, H, L = tarfile.DIRTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE
 
 
-def _replaying(m, partition: int | None) -> None:
-    """Replay the whole view at once (partition None) or in partitions of that many paths."""
-    if partition is None:
-        m.setattr(export, "WHOLE_EVENTS", 1 << 62)
-    else:
-        m.setattr(export, "WHOLE_EVENTS", 0)
-        m.setattr(export, "PARTITION_PATHS", partition)
-
-
 def _tar(db, ref: str, monkeypatch, partition: int | None) -> bytes:
     with monkeypatch.context() as m:
-        _replaying(m, partition)
+        replaying(m, partition)
         buf = io.BytesIO()
         db.export_tar(ref, buf)
         return buf.getvalue()
@@ -70,9 +61,6 @@ def _refs(db) -> list[str]:
     return out
 
 
-def _archives(root) -> list:
-    images = root / "images"
-    return sorted(images.glob("*.tar")) if images.is_dir() else []
 
 
 def _tree_sorted(names: list[str]) -> bool:
@@ -83,7 +71,7 @@ def _tree_sorted(names: list[str]) -> bool:
 # Differential: partitioned == whole -------------------------------------------------
 
 
-@pytest.mark.parametrize("archive", _archives(REPO_FIXTURES) + [REPO_FIXTURES / "multiplatform" / "multi.oci.tar"],
+@pytest.mark.parametrize("archive", fixture_archives(REPO_FIXTURES) + [REPO_FIXTURES / "multiplatform" / "multi.oci.tar"],
                          ids=lambda p: p.name)
 def test_repo_fixtures_partitioned_equals_whole(db, archive, monkeypatch):
     db.import_archive(str(archive))
@@ -95,7 +83,7 @@ def test_repo_fixtures_partitioned_equals_whole(db, archive, monkeypatch):
 
 
 @pytest.mark.skipif(not SHARED_FIXTURES.is_dir(), reason="../shared/fixtures is not beside the checkout (CI has it)")
-@pytest.mark.parametrize("archive", _archives(SHARED_FIXTURES), ids=lambda p: p.name)
+@pytest.mark.parametrize("archive", fixture_archives(SHARED_FIXTURES), ids=lambda p: p.name)
 def test_shared_fixtures_partitioned_equals_whole(db, archive, monkeypatch):
     db.import_archive(str(archive))
     refs = _refs(db)
@@ -120,7 +108,7 @@ def test_hostile_archives_partitioned_equal_whole(db, monkeypatch):
 def test_many_images_sharing_paths(db, monkeypatch):
     """Every fixture in one store: the lookups by path meet other images' events
     on the same paths, which must not leak into this chain's replay."""
-    for archive in _archives(REPO_FIXTURES) + _archives(SHARED_FIXTURES):
+    for archive in fixture_archives(REPO_FIXTURES) + fixture_archives(SHARED_FIXTURES):
         db.import_archive(str(archive))
     refs = _refs(db)
     assert len(refs) > (20 if SHARED_FIXTURES.is_dir() else 10)  # 12 positions in the repo's own fixtures
@@ -133,12 +121,12 @@ def _dir_manifest(db, ref: str, target, monkeypatch, partition: int | None) -> l
     from tree_manifest import manifest_lines
 
     with monkeypatch.context() as m:
-        _replaying(m, partition)
+        replaying(m, partition)
         db.export_dir(ref, str(target))
     return list(manifest_lines(str(target)))
 
 
-@pytest.mark.parametrize("archive", _archives(REPO_FIXTURES), ids=lambda p: p.name)
+@pytest.mark.parametrize("archive", fixture_archives(REPO_FIXTURES), ids=lambda p: p.name)
 def test_export_dir_partitioned_equals_whole(db, archive, tmp_path, monkeypatch):
     """`export --dir` replays in partitions too: the same tree (the manifest of
     tests/tree_manifest.py: every entry's type, mode, owner, size, content hash,
