@@ -14,7 +14,7 @@ from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
 from .kinds import PUT
-from .replay import Event, Node, View, chain_events, closure_events, tree_key, undecided
+from .replay import Event, Node, View, below, chain_events, decided_events, tree_key
 from .store import Store, default_db_path
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
@@ -125,13 +125,7 @@ class LayerDB:
 
     def _closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
         """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""
-        known: list[tuple[int, bytes]] = []
-        while True:
-            events = closure_events(self.store, [r.chain], [path], known=known)[0]
-            more = undecided(self.store, r.chain, events)
-            if not more:
-                return events
-            known.extend(more)
+        return decided_events(self.store, [r.chain], [path])[0]
 
     def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
         """One path at REF, without replaying the whole chain."""
@@ -172,7 +166,9 @@ class LayerDB:
         if not recursive:
             with self.store.read():
                 r = refs.resolve(self.store, ref)
-                view = View().replay(chain_events(self.store.conn, r.chain))
+                # The directory and its children only: the rest of the image is not replayed.
+                kids = below(self.store, r.chain, p, children=True)
+                view = View().replay(decided_events(self.store, [r.chain], [p], known=kids)[0])
             chain_ids = {li.position: li.chain_id for li in r.layers}
             node = view.get(p)
             if node is None:
@@ -202,7 +198,7 @@ class LayerDB:
                     return
             yield None
             prefix = tree_key(top) + b"\0" if top else b""
-            with TreeEntries(self.store, r.chain, whole=r.container is not None) as source:
+            with TreeEntries(self.store, r.chain) as source:
                 inside = False
                 for batch in source.batches():
                     for q, n, _ in batch:
@@ -225,7 +221,7 @@ class LayerDB:
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
-            with TreeEntries(self.store, r.chain, whole=r.container is not None) as source:
+            with TreeEntries(self.store, r.chain) as source:
                 return write_tar(source.batches(), self.content, out, progress, source.total)
 
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
@@ -242,7 +238,7 @@ class LayerDB:
                     node = View().replay(self._closure_events(r, p)).get(p)
                     if node is not None and node.type in ("c", "b", "p"):
                         _refuse_special(p, node)
-            with TreeEntries(self.store, r.chain, whole=r.container is not None) as source:
+            with TreeEntries(self.store, r.chain) as source:
                 return write_dir_entries(source.batches(), self.content, target)
 
     def _special_candidates(self, r: refs.Resolved) -> list[bytes]:
@@ -355,13 +351,15 @@ class LayerDB:
 
     # Containers (engine/container.py): every write is an event of the container's log ------
 
-    def container(self, name: str):
-        """A handle on a container (cached: its view is kept and caught up, not replayed per call)."""
+    def container(self, name: str, whole: bool | None = None):
+        """A handle on a container (cached: its view is kept and caught up, not
+        replayed per call).  whole=True keeps the whole view even for a large
+        image (container.WHOLE_EVENTS), as a FUSE mount needs."""
         from .container import Container
 
         handles = self.__dict__.setdefault("_containers", {})
-        h = Container(self.store, self.content, name)
-        return handles.setdefault(h.diff_rowid, h)
+        h = Container(self.store, self.content, name, whole)
+        return handles.setdefault((h.diff_rowid, h.whole), h)
 
     def container_create(self, image: str, name: str | None = None) -> dict:
         from . import container

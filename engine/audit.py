@@ -26,7 +26,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
 from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import SUBTREE, Event, Node, View, closure_events, diff_events, tree_key
+from .replay import SUBTREE, Event, Node, View, decided_events, diff_events, tree_key
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -155,7 +155,7 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int,
         subtrees.extend(store.execute(SUBTREE, _subtree_bounds(root)))
         if limit is not None and len(named) + len(subtrees) > limit:
             return None
-    events = closure_events(store, chains, named, known=subtrees)
+    events = decided_events(store, chains, named, known=subtrees)
     views = []
     for evs in events:
         views.append(View().replay(evs))
@@ -228,8 +228,8 @@ def _diff_rows(db: LayerDB, ref1: str, ref2: str, restrict: bool) -> Iterator[di
         if views is not None:
             yield from compare_views(*views)
             return
-        with TreeEntries(store, a.chain, whole=a.container is not None, temp="layerdb_diff_a") as ta, \
-                TreeEntries(store, b.chain, whole=b.container is not None, temp="layerdb_diff_b") as tb:
+        with TreeEntries(store, a.chain, temp="layerdb_diff_a") as ta, \
+                TreeEntries(store, b.chain, temp="layerdb_diff_b") as tb:
             yield from _compare_streams(ta.batches(), tb.batches())
 
 

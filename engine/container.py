@@ -44,7 +44,7 @@ from .content import ContentStore
 from .errors import NoSuchPath, NotFound, PathError, UsageError
 from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
 from .importer import _ancestors as ancestors, _parent as parent
-from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, chain_events
+from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events
 from .store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -56,6 +56,12 @@ TYPE_BITS = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.
              "b": stat.S_IFBLK}
 TYPE_OF_BITS = {v: k for k, v in TYPE_BITS.items()}
 ALL_KINDS = "(0, 1, 2, 3, 4)"  # lets the (diff_id, kind, seq) key serve `seq > ?` one kind at a time
+# Up to this many events in its chain, a container keeps its whole view and
+# catches it up (the FUSE mount and API handles that write many times).  Above,
+# it keeps a partial view: each operation loads the paths it reads (their
+# deciding events, replay.decided_events), so a write into a container of a
+# large image costs what the write touches, not the image (as export.WHOLE_EVENTS).
+WHOLE_EVENTS = 32768
 
 _INSERT = (
     "INSERT INTO event(diff_id, kind, seq, path_id, type, mode, uid, gid, mtime, size, blob_id, link, target_id,"
@@ -184,9 +190,15 @@ class Container:
     The view is the image's replay plus every event of the log up to last_seq;
     before each read or write, events that other processes appended are
     replayed too (the log is append-only, so catching up is exact).
+
+    A container of a large image (more than WHOLE_EVENTS events) holds a
+    partial view instead: the paths loaded so far, each with every event that
+    decides it.  Reads go through _get/_children/_subtree, which load what is
+    missing; appended events drop the partial view (the next read reloads).
+    whole=True forces the whole view (a FUSE mount lists every directory).
     """
 
-    def __init__(self, store: Store, content: ContentStore, name: str):
+    def __init__(self, store: Store, content: ContentStore, name: str, whole: bool | None = None):
         self.store = store
         self.content = content
         with store.read():
@@ -195,10 +207,21 @@ class Container:
                 raise NotFound(f"no container matches {name!r} (see `layerdb container ls`)")
             self.name, self.diff_rowid, self.diff_id, self.image_rowid, self.image_digest, top = row
             self.base = refs.chain_of(store, top) if top is not None else []
+            if whole is None:
+                whole = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,))
+                            for _, d in self.base_chain) <= WHOLE_EVENTS
+        self.whole = whole
         self.position = len(self.base) + 1
         self._view: View | None = None
         self.last_seq = -1
         self.version = 0  # bumped whenever the view changes
+        # The partial view's bookkeeping (whole=False): paths decided, paths
+        # enumerated below directories (id by path), directories whose
+        # children or whole subtree are in.
+        self._loaded: set[bytes] = set()
+        self._known: dict[bytes, int] = {}
+        self._listed: set[bytes] = set()
+        self._subtrees: set[bytes] = set()
 
     @property
     def id(self) -> str:
@@ -210,24 +233,36 @@ class Container:
 
     @property
     def view(self) -> View:
-        """The view, brought up to date first."""
+        """The whole view, brought up to date first (a partial handle turns whole)."""
         self.refresh()
+        self._load(subtrees=[b""])
         return self.current
+
+    def get(self, path: str | bytes) -> Node | None:
+        """The node at a path now (no symlink followed), loading only what decides it."""
+        self.refresh()
+        return self._get(b"/".join(split(path)))
 
     @property
     def current(self) -> View:
         """The view as last refreshed (no query: for callers that refresh on their own schedule)."""
         if self._view is None:
             self.refresh()
+            if self._view is None:  # a partial view loads on first use
+                self._load()
         assert self._view is not None
         return self._view
 
-    def base_view(self) -> View:
-        with self.store.read():
-            return View().replay(chain_events(self.store.conn, self.base_chain))
+    @property
+    def chain(self) -> list[tuple[int, int]]:
+        """The image's chain and the container's log on top."""
+        return self.base_chain + [(self.position, self.diff_rowid)]
 
     def refresh(self) -> None:
         """Replay what the log gained since we last looked."""
+        if not self.whole:
+            self._refresh_partial()
+            return
         with self.store.read():
             if self._view is None:
                 self._view = View().replay(chain_events(self.store.conn, self.base_chain))
@@ -241,6 +276,82 @@ class Container:
             self.last_seq = ev.seq
         if new:
             self.version += 1
+
+    # The partial view -----------------------------------------------------------
+
+    def _refresh_partial(self) -> None:
+        with self.store.read():
+            top = self.store.scalar(f"SELECT max(seq) FROM event WHERE diff_id = ? AND kind IN {ALL_KINDS}",
+                                    (self.diff_rowid,))
+        top = -1 if top is None else top
+        if self._view is not None and top == self.last_seq:
+            return
+        # Events were appended: what was loaded may have changed.  Start empty;
+        # reads load again what they need (a few queries per path).
+        self._view = None
+        self._loaded = {b""}
+        self._known.clear()
+        self._listed.clear()
+        self._subtrees.clear()
+        self.last_seq = top
+        self.version += 1
+
+    def _covered(self, d: bytes) -> bool:
+        return d in self._subtrees or any(a in self._subtrees for a in ancestors(d))
+
+    def _load(self, paths: Iterable[bytes] = (), children: Iterable[bytes] = (),
+              subtrees: Iterable[bytes] = ()) -> None:
+        """Make the partial view decide these paths, list these directories'
+        children, hold these subtrees; replays again only when something is new.
+        The root's subtree is the whole view: the handle turns whole."""
+        if self.whole:
+            return
+        new = False
+        with self.store.read():
+            chain = self.chain
+            subtrees, children = list(subtrees), list(children)
+            paths = [*paths, *subtrees, *children]  # a listed directory is decided itself too
+            for d in subtrees:
+                if not d:
+                    self.whole, self._view, self.last_seq = True, None, -1
+                    self.refresh()
+                    return
+                if not self._covered(d):
+                    self._known.update((p, i) for i, p in below(self.store, chain, d))
+                    self._subtrees.add(d)
+                    new = True
+            for d in children:
+                if d not in self._listed and not self._covered(d):
+                    self._known.update((p, i) for i, p in below(self.store, chain, d, children=True))
+                    self._listed.add(d)
+                    new = True
+            for p in paths:
+                if p not in self._loaded and p not in self._known:
+                    self._loaded.add(p)
+                    new = True
+            if not new and self._view is not None:
+                return
+            events = decided_events(self.store, [chain], sorted(self._loaded),
+                                    known=[(i, p) for p, i in self._known.items()])[0]
+        self._view = View().replay(events)
+        for p in list(self._loaded):  # their ancestors were decided with them
+            while p and (p := parent(p)) not in self._loaded:
+                self._loaded.add(p)
+
+    def _get(self, p: bytes) -> Node | None:
+        if not self.whole and p not in self._loaded and p not in self._known:
+            self._load([p])
+        return self.current.get(p)
+
+    def _children(self, d: bytes) -> set[bytes]:
+        """The names directly below d (full paths)."""
+        self._load(children=[d])
+        return self.current.children.get(d, set())
+
+    def _subtree(self, d: bytes) -> list[tuple[bytes, Node]]:
+        """Every entry below d, sorted by raw bytes."""
+        self._load(subtrees=[d])
+        return list(self.current.walk(d))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[list[Event]]:
@@ -281,8 +392,10 @@ class Container:
         container's root, `..` stops at the root), the last one only if follow.
         Returns the canonical path and its node (None when only the last
         component is missing)."""
-        view = self.current
-        todo = list(reversed(split(path)))
+        parts = split(path)
+        if not self.whole and b".." not in parts:  # the usual path: one load for every component
+            self._load([b"/".join(parts[:i]) for i in range(1, len(parts) + 1)])
+        todo = list(reversed(parts))
         out: list[bytes] = []
         links = 0
         while todo:
@@ -292,7 +405,7 @@ class Container:
                     out.pop()
                 continue
             cand = b"/".join(out + [name])
-            node = view.get(cand)
+            node = self._get(cand)
             if node is not None and node.type == "l" and (todo or follow):
                 links += 1
                 if links > MAX_SYMLINKS:
@@ -309,7 +422,7 @@ class Container:
                     raise PathError(errno.ENOTDIR, cand)
             out.append(name)
         p = b"/".join(out)
-        return p, view.get(p)
+        return p, self._get(p)
 
     def _existing(self, path: str | bytes, follow: bool) -> tuple[bytes, Node]:
         p, node = self.walk(path, follow)
@@ -340,7 +453,7 @@ class Container:
         if node.type == "d":
             return []
         out = []
-        for q, n in self._view.nodes.items():
+        for q, n in self.current.nodes.items():  # a partial view holds every name of a loaded file
             if n is node and q != path:
                 out.append(Event(self.position, PUT, 0, q, "h", ev.mode, ev.uid, ev.gid, ev.mtime, None, None, None,
                                  None, path, None, None, None))
@@ -478,7 +591,7 @@ class Container:
                 raise PathError(errno.ENOTDIR, p)
             if want_dir is False and node.type == "d":
                 raise PathError(errno.EISDIR, p)
-            if node.type == "d" and not recursive and self._view.children.get(p):
+            if node.type == "d" and not recursive and self._children(p):
                 raise PathError(errno.ENOTEMPTY, p)
             evs.append(self._whiteout(p, mt))
             self._touch_dirs(evs, [parent(p)], mt)
@@ -497,7 +610,7 @@ class Container:
         one whose mtime is that time already needs no event."""
         put = {e.path for e in evs if e.kind == PUT}
         for d in sorted(set(dirs)):
-            node = self._view.get(d)
+            node = self._get(d)
             t = mtime if isinstance(mtime, int) else mtime.get(d)
             if d in put or node is None or node.type != "d" or t is None or node.mtime == t:
                 continue
@@ -513,6 +626,10 @@ class Container:
             dp, dnode = self.walk(dst, follow=False)
             if not sp or not dp:
                 raise PathError(errno.EBUSY, sp or dp)
+            if not self.whole:  # load all that follows first: nodes must come from one replay
+                self._load(subtrees=[sp] if snode.type == "d" else [],
+                           children=[dp] if dnode is not None and dnode.type == "d" else [])
+                snode, dnode = self._get(sp), self._get(dp)
             if dnode is snode:
                 return dp  # the same file (or two names of it): nothing to do, as POSIX says
             if dp.startswith(sp + b"/"):
@@ -524,10 +641,10 @@ class Container:
                     raise PathError(errno.ENOTDIR, dp)
                 if snode.type != "d" and dnode.type == "d":
                     raise PathError(errno.EISDIR, dp)
-                if dnode.type == "d" and self._view.children.get(dp):
+                if dnode.type == "d" and self._children(dp):
                     raise PathError(errno.ENOTEMPTY, dp)
                 evs.append(self._whiteout(dp, mt))
-            moved = [(sp, snode)] + (list(self._view.walk(sp)) if snode.type == "d" else [])
+            moved = [(sp, snode)] + (self._subtree(sp) if snode.type == "d" else [])
             for q, n in moved:
                 nq = dp + q[len(sp):]
                 if n.type == "d":
@@ -584,7 +701,8 @@ class Container:
         times[b""] = int(os.stat(directory).st_mtime)
         removed_at = int(time.time())
         with self._writing() as evs:
-            view = self._view
+            self._load(subtrees=[b""])  # the host tree stands for all of it: the whole view
+            view = self.current
             gone: set[bytes] = set()
             for p, node in view.walk():  # parents first: a removed subtree is one whiteout
                 h = host.get(p)
@@ -614,7 +732,7 @@ class Container:
             p, node = self.walk(dest, follow=True)
             if node is not None and node.type == "d":
                 p = join(p, os.fsencode(os.path.basename(src.rstrip("/"))))
-                node = self._view.get(p)
+                node = self._get(p)
             if not p:
                 raise PathError(errno.EISDIR, p)
             if stat.S_ISDIR(st.st_mode):
@@ -629,7 +747,8 @@ class Container:
             if not archive:
                 for h in host.values():
                     h.uid = h.gid = 0
-            view = self._view
+            self._load([join(p, rel) for rel in host])  # every path the copy compares with
+            view = self.current
             self._host_puts(evs, src, host, p, lambda q: view.get(q))
             times = {join(p, rel): h.mtime for rel, h in host.items() if h.type == "d"}
             times[parent(p)] = int(time.time())
@@ -644,7 +763,7 @@ class Container:
         for rel, h in host.items():
             if h.type != "d" and h.nlink > 1:
                 host_links.setdefault(h.inode, []).append(rel)
-        view_links = names_by_node(self._view)
+        view_links = names_by_node(self.current)
         reput: set[bytes] = set()
         for rel in sorted(host):
             h = host[rel]
@@ -683,7 +802,8 @@ class Container:
             dest = os.path.join(target, os.fsdecode(p.rsplit(b"/", 1)[-1]))
         if node.type == "d":
             with self.store.read():
-                write_dir(subview(self.current, p), self.content, dest, allow_devices)
+                tree = self._subtree(p)
+                write_dir(subview(tree, p), self.content, dest, allow_devices)
             return dest
         if node.type == "l":
             os.symlink(node.link or b"", dest)
@@ -704,8 +824,8 @@ class Container:
     def commit(self, tag: str | None, message: str | None = None, changes: Iterable[str] = ()) -> dict:
         """Seal the container's net changes into a new layer and image (tagged `tag`)."""
         with self.store.read():
-            upper = self.view
-            lower = self.base_view()
+            self.refresh()
+            lower, upper = self._changed_views()
             wipe_time = self._whiteouts()
             base_config = self.store.scalar("SELECT config FROM image WHERE id = ?", (self.image_rowid,))
         cfg = json.loads(base_config)
@@ -740,6 +860,22 @@ class Container:
         return {**img, "diff_id": diff_id, "layer_id": chain_ids(base_ids + [diff_id])[-1], "entries": n,
                 "container": self.name}
 
+    def _changed_views(self) -> tuple[View, View]:
+        """The image's view and the container's, each replayed only for the paths
+        the log names (with their ancestors and hard-link partners): a path
+        that no event of the log names is the same in both, so it cannot be in
+        the layer, and the views hold what the container changed, not the image."""
+        named: set[bytes] = set()
+        for path, target in self.store.execute(
+                "SELECT p.path, t.path FROM event e JOIN path p ON p.id = e.path_id"
+                " LEFT JOIN path t ON t.id = e.target_id WHERE e.diff_id = ?", (self.diff_rowid,)):
+            named.add(path)
+            if target is not None:
+                named.add(target)
+        # One closure for both chains: both views decide the same paths.
+        lower, upper = decided_events(self.store, [self.base_chain, self.chain], named)
+        return View().replay(lower), View().replay(upper)
+
     def _whiteouts(self) -> dict[bytes, int]:
         """Every path the log removed, with the time of its last removal."""
         return dict(self.store.execute(
@@ -764,11 +900,12 @@ def _chain(pieces: Iterator[bytes], data: bytes | BinaryIO | Iterable[bytes]) ->
         yield from data
 
 
-def subview(view: View, top: bytes) -> View:
-    """The subtree at `top` as a view of its own (hard links inside it stay shared)."""
+def subview(entries: list[tuple[bytes, Node]], top: bytes) -> View:
+    """The subtree at `top` (its entries, as View.walk gives them) as a view of
+    its own (hard links inside it stay shared)."""
     sub = View()
     cut = len(top) + 1 if top else 0
-    for p, n in view.walk(top):
+    for p, n in entries:
         rel = p[cut:]
         sub.nodes[rel] = n
         if n.type == "d":

@@ -174,8 +174,9 @@ _BATCH = 500
 class TreeEntries:
     """The entries of a chain's view in tree order, as batches for write_tar.
 
-    whole=True replays the whole chain at once whatever its size (a
-    container's log, whose events are not by path).  Use as a context manager:
+    whole=True replays the whole chain at once whatever its size.  A
+    container's chain partitions as an image's does: its log's events are
+    on paths too, and replay_key keeps them in log order.  Use as a context manager:
     it drops the temporary table.  `temp` names that table: two TreeEntries
     open at once on one connection need different names.
     """

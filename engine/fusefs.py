@@ -637,7 +637,7 @@ def mount(db, target: str, mountpoint: str, writable: bool) -> None:
         raise UsageError(f"{mountpoint}: not a directory")
     if writable:
         try:
-            fs = LayerFS(db, ctr=db.container(target))
+            fs = LayerFS(db, ctr=db.container(target, whole=True))
         except NotFound:
             raise NotFound(f"no container matches {target!r}; to mount an image (read-only) use --at {target}") from None
     else:

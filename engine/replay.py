@@ -215,7 +215,7 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
 
 
 SUBTREE = "SELECT id, path FROM path WHERE path > ? AND path < ?"
-EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id FROM event e INDEXED BY event_by_path"
+EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id, e.time FROM event e INDEXED BY event_by_path"
               " WHERE e.path_id IN ({}) AND {}")
 
 
@@ -247,14 +247,53 @@ def undecided(store, chain: list[tuple[int, int]], events: list[Event],
         for i in range(0, len(below), _BATCH):
             part = dict(below[i : i + _BATCH])
             marks = ",".join("?" * len(part))
-            for d, kind, seq, pid in store.execute(EVENT_KEYS.format(marks, in_chain), [*part, *diffs]):
+            for d, kind, seq, pid, t in store.execute(EVENT_KEYS.format(marks, in_chain), [*part, *diffs]):
                 path = part[pid]
                 if path in have or kind not in (WHITEOUT, IMPLIED, PUT):
                     continue
-                if any((pos, kind, seq) > key for pos in pos_of.get(d, ())):
+                order = kind if t is None else -1  # as replay_key: a container's log is by seq alone
+                if any((pos, order, seq) > key for pos in pos_of.get(d, ())):
                     have.add(path)
                     more.append((pid, path))
     return more
+
+
+_IN_CHAIN = " AND EXISTS (SELECT 1 FROM event e INDEXED BY event_by_path WHERE e.path_id = p.id AND {})"
+
+
+def below(store, chain: list[tuple[int, int]], top: bytes, children: bool = False) -> list[tuple[int, bytes]]:
+    """The (id, path) pairs below `top` that the chain's events name: every
+    path of its subtree, or its direct children only.  Every path a view
+    holds is named by an event of its chain (parents no tar names are
+    IMPLIED events), so these are all the paths the view can hold there."""
+    cond, diffs = in_diffs([d for _, d in chain])
+    if top:
+        sql, args = "SELECT p.id, p.path FROM path p WHERE p.path > ? AND p.path < ?", [top + b"/", top + b"0"]
+        if children:
+            sql += " AND instr(substr(p.path, ?), '/') = 0"
+            args.append(len(top) + 2)
+    else:
+        sql, args = "SELECT p.id, p.path FROM path p WHERE p.path > ?", [b""]
+        if children:
+            sql += " AND instr(p.path, '/') = 0"
+    return store.execute(sql + _IN_CHAIN.format(cond), args + diffs).fetchall()
+
+
+def decided_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[bytes],
+                   known: Iterable[tuple[int, bytes]] = ()) -> list[list[Event]]:
+    """closure_events closed under undecided() too: per chain, in replay order,
+    every event that decides the given paths.  A view replayed from them shows
+    those paths (and their ancestors and hard-link partners) as the whole
+    chain's view does."""
+    paths = list(paths)
+    known = list(known)
+    out = closure_events(store, chains, paths, known=known)  # one pass for all chains: the usual case
+    for i, chain in enumerate(chains):
+        extra = list(known)
+        while more := undecided(store, chain, out[i]):
+            extra.extend(more)
+            out[i] = closure_events(store, [chain], paths, known=extra)[0]
+    return out
 
 
 def _parent(path: bytes) -> bytes:
@@ -391,5 +430,5 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "undecided", "diff_events", "replay_key", "tree_key",
+__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "decided_events", "below", "undecided", "diff_events", "replay_key", "tree_key",
            "IGNORED"]

@@ -92,6 +92,23 @@ def replaying(m: pytest.MonkeyPatch, partition: int | None) -> None:
         m.setattr(export, "PARTITION_PATHS", partition)
 
 
+def count_replays(m: pytest.MonkeyPatch, module) -> list[int]:
+    """Within monkeypatch m: every View that `module` replays appends its node
+    count to the returned list (how much of an image an operation held)."""
+    from layerdb.engine.replay import View
+
+    sizes: list[int] = []
+
+    class Counted(View):
+        def replay(self, events):
+            super().replay(events)
+            sizes.append(len(self.nodes))
+            return self
+
+    m.setattr(module, "View", Counted)
+    return sizes
+
+
 def fixture_archives(root: Path) -> list[Path]:
     """The image archives of a fixture tree (tests/fixtures or ../shared/fixtures)."""
     images = root / "images"

@@ -19,13 +19,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_FIXTURES, export_bytes, load_json_lines, manifest_of_dir, manifest_of_tar_bytes, run_cli
+from conftest import REPO_FIXTURES, count_replays, export_bytes, load_json_lines, manifest_of_dir, manifest_of_tar_bytes, run_cli
 
 SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
 T = 1_700_086_400  # every write's mtime: tree_manifest compares file and symlink mtimes
 BIG = bytes(range(256)) * 1200  # 307200 bytes: above the pack size, so it goes through content-defined chunks
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="export --dir keeps owners only when run as root")
+
+
+@pytest.fixture(autouse=True, params=["whole", "partial"])
+def container_view(request, monkeypatch):
+    """Every test twice: with the whole view a container of a small image keeps,
+    and with the partial view of a large image's container (each operation
+    loads the paths it reads; views export in partitions of two paths)."""
+    if request.param == "partial":
+        from layerdb.engine import container, export
+
+        monkeypatch.setattr(container, "WHOLE_EVENTS", -1)
+        monkeypatch.setattr(export, "WHOLE_EVENTS", 0)
+        monkeypatch.setattr(export, "PARTITION_PATHS", 2)
+    return request.param
 
 
 @pytest.fixture
@@ -265,7 +279,7 @@ W = T + 3600  # the time of each write below
 
 def _mkdir_root(c):
     c.mkdir("/srv", mtime=W)
-    assert c.view.get(b"").mtime == W  # the root's mtime changes too; a layer never holds the root
+    assert c.get(b"").mtime == W  # the root's mtime changes too; a layer never holds the root
 
 
 def _touch_d(c):
@@ -374,11 +388,11 @@ def test_directory_mtime_is_the_time_of_the_write(sample):
     c = sample.container("c")
     before = int(time.time())
     sample.write_file("c", "/etc/newfile", b"", mtime=T)  # an explicit mtime is the write's time: both get it
-    assert (c.view.get(b"etc/newfile").mtime, c.view.get(b"etc").mtime) == (T, T)
+    assert (c.get(b"etc/newfile").mtime, c.get(b"etc").mtime) == (T, T)
     sample.remove_path("c", "/etc/group")  # no mtime given: now
-    etc = c.view.get(b"etc").mtime
+    etc = c.get(b"etc").mtime
     assert before <= etc <= int(time.time())
-    assert c.view.get(b"").mtime is None  # nothing was created or removed in the root
+    assert c.get(b"").mtime is None  # nothing was created or removed in the root
 
     n = len(sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall())
     sample.write_file("c", "/etc/newfile", b"again", mtime=T + 1)  # replaced in place (O_TRUNC)
@@ -386,19 +400,19 @@ def test_directory_mtime_is_the_time_of_the_write(sample):
     sample.chmod("c", "/etc/passwd", 0o600)
     sample.utime("c", "/etc/passwd", T + 3)
     sample.rename("c", "/app/VERSION", "/app/version.txt")  # two names of one file: nothing to do
-    assert c.view.get(b"etc").mtime == etc and c.view.get(b"app").mtime == BASE
+    assert c.get(b"etc").mtime == etc and c.get(b"app").mtime == BASE
     events = sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall()
     assert len(events) == n + 4  # one event per write, none for a directory
     sample.write_file("c", "/etc/a", b"", mtime=T + 5)
     sample.write_file("c", "/etc/b", b"", mtime=T + 5)  # /etc has that mtime already: one event
     events = sample.store.execute("SELECT seq FROM event WHERE diff_id = ?", (c.diff_rowid,)).fetchall()
-    assert len(events) == n + 4 + 3 and c.view.get(b"etc").mtime == T + 5
+    assert len(events) == n + 4 + 3 and c.get(b"etc").mtime == T + 5
 
     c.mknod("/etc/fifo", "p", mtime=T + 6)
     c.symlink("/etc/sh", "/bin/sh", mtime=T + 7)
-    assert c.view.get(b"etc").mtime == T + 7
+    assert c.get(b"etc").mtime == T + 7
     sample.mkdir("c", "/app/cache", parents=True, mtime=T + 8)  # exists: no write
-    assert c.view.get(b"app").mtime == BASE
+    assert c.get(b"app").mtime == BASE
 
 
 def test_copy_in_keeps_host_directory_mtimes(sample, tmp_path):
@@ -426,7 +440,7 @@ def test_copy_in_keeps_host_directory_mtimes(sample, tmp_path):
     (site / "css" / "b.css").write_bytes(b"")
     os.utime(site / "css", (T + 10, T + 10))
     sample.copy_in(str(site / "css"), "c", "/srv")  # merged into /srv/css: a new name there, the host's mtime
-    assert (c.view.get(b"srv/css").mtime, c.view.get(b"srv").mtime) == (T + 10, T + 2)
+    assert (c.get(b"srv/css").mtime, c.get(b"srv").mtime) == (T + 10, T + 2)
     res = sample.commit("c", "sample:site")
     assert [e for e in layer_mtimes(b"".join(sample.layer_tar(res["diff_id"]))) if e[0].startswith("srv")] == [
         ("srv", "d", T + 2, ""), ("srv/css", "d", T + 10, ""), ("srv/css/a.css", "f", T, ""),
@@ -455,6 +469,47 @@ def test_log_order_replays_whiteouts_after_own_writes(sample):
     rows = [(r["change"], r["path"]) for r in audit.diff(sample, "sample:1.0", "c")]
     assert rows == [("A", "/d"), ("D", "/etc/passwd"), ("A", "/f")]
     assert [(r["change"], r["path"]) for r in audit.diff(sample, "sample:1.0", "c", restrict=False)] == rows
+
+
+def test_partial_view_holds_what_the_operations_touch(db, tmp_path, container_view, monkeypatch):
+    """A container of a large image replays only the paths each operation reads:
+    writes, a rename, an rm -r, a refused rmdir and a commit, on an image of
+    1500 files, each replay a few dozen nodes, with the result the whole view gives."""
+    from hostile.make_hostile import entry
+    from test_export_memory import _stacked
+
+    from layerdb.engine import container
+    from layerdb.engine.errors import PathError
+
+    arch = _stacked(tmp_path, ("base", [entry(f"d{i % 7}/s{i % 3}/f{i}", b"%d\n" % i) for i in range(1500)]),
+                    ("more", [entry(f"d{i % 7}/s{i % 3}/f{i}", b"v2 %d\n" % i) for i in range(0, 1500, 50)]))
+    db.import_archive(str(arch), tag="t:1")
+    db.container_create("t:1", "c")
+    c = db.container("c")
+    assert c.whole == (container_view == "whole")
+    sizes = count_replays(monkeypatch, container)
+    db.write_file("c", "/d1/s1/new", b"new\n", mtime=T)
+    db.append_file("c", "/d0/s0/f0", b"more\n", mtime=T)  # a file the second layer changed
+    db.rename("c", "/d2/s2/f2", "/d3/moved", mtime=T)
+    db.remove_path("c", "/d4/s0", recursive=True, mtime=T)
+    with pytest.raises(PathError, match="not empty"):
+        db.remove_path("c", "/d5/s1", mtime=T)  # loads that directory's children: about 70
+    assert c.get("/d0/s0/f0").size == len(b"v2 0\nmore\n")
+    res = db.commit("c", "t:2")
+    if container_view == "partial":
+        assert len(sizes) > 8 and max(sizes) < 100, sizes
+    else:
+        assert max(sizes) > 1500, sizes
+    rows = [(r["change"], r["path"]) for r in db.container_diff("c")]
+    assert rows == [("C", "/d0"), ("C", "/d0/s0"), ("C", "/d0/s0/f0"), ("C", "/d1"), ("C", "/d1/s1"),
+                    ("A", "/d1/s1/new"), ("C", "/d2"), ("C", "/d2/s2"), ("D", "/d2/s2/f2"), ("C", "/d3"),
+                    ("A", "/d3/moved"), ("C", "/d4"), ("D", "/d4/s0")]
+    assert export_bytes(db, "t:2") == export_bytes(db, "c")
+    layer = layer_entries(b"".join(db.layer_tar(res["diff_id"])))
+    assert layer == [("d0", "d", ""), ("d0/s0", "d", ""), ("d0/s0/f0", "f", ""), ("d1", "d", ""),
+                     ("d1/s1", "d", ""), ("d1/s1/new", "f", ""), ("d2", "d", ""), ("d2/s2", "d", ""),
+                     ("d2/s2/.wh.f2", "f", ""), ("d3", "d", ""), ("d3/moved", "f", ""), ("d4", "d", ""),
+                     ("d4/.wh.s0", "f", "")]
 
 
 def test_two_containers_of_one_image_differ(sample):
@@ -527,7 +582,7 @@ def test_a_second_process_sees_writes_and_appends_after_them(sample, tmp_path):
     sample.write_file("c", "/a", b"1", mtime=T)  # a new name: the root directory's mtime becomes T too
     other = LayerDB(sample.store.path)
     try:
-        assert other.container("c").view.get(b"a").size == 1
+        assert other.container("c").get(b"a").size == 1
         other.write_file("c", "/b", b"22", mtime=T)  # the root's mtime is T already: no event for it
         sample.append_file("c", "/b", b"3", mtime=T)  # sees the other's write before appending
         assert b"".join(other.cat("c", "/b")) == b"223"

@@ -17,7 +17,7 @@ import tarfile
 
 import pytest
 
-from conftest import REPO_FIXTURES, SHARED_FIXTURES, fixture_archives, replaying
+from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, fixture_archives, replaying
 from layerdb.engine import export
 from layerdb.engine.errors import LayerdbError
 
@@ -206,16 +206,8 @@ def test_partitions_hold_a_bounded_view(db, tmp_path, monkeypatch):
 
     arch = _stacked(tmp_path, ("COPY", [entry(f"d{i % 7}/s{i % 3}/f{i}", b"%d\n" % i) for i in range(1500)]))
     db.import_archive(str(arch), tag="t:1")
-    sizes = []
-
-    class Counted(export.View):
-        def replay(self, events):
-            super().replay(events)
-            sizes.append(len(self.nodes))
-            return self
-
     whole = _tar(db, "t:1", monkeypatch, None)
-    monkeypatch.setattr(export, "View", Counted)
+    sizes = count_replays(monkeypatch, export)
     part = _tar(db, "t:1", monkeypatch, 100)
     assert part == whole
     assert len(sizes) >= 15 and max(sizes) <= 100 + 10  # its paths, their ancestors and the root

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO_FIXTURES, SHARED_FIXTURES, fixture_archives, load_json_lines, replaying, run_cli
+from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, fixture_archives, load_json_lines, replaying, run_cli
 from layerdb.engine import audit, export, refs
 from layerdb.engine.api import node_dict
 from layerdb.engine.errors import NotFound
@@ -46,6 +46,32 @@ def _want_listing(db, ref: str, path: bytes) -> list[dict]:
     if node.type != "d":
         return [node_dict(path, node, chain_ids)]
     return [node_dict(q, n, chain_ids) for q, n in sorted(view.walk(path), key=lambda e: tree_key(e[0]))]
+
+
+def _want_dir(db, ref: str, path: bytes) -> list[dict] | None:
+    """`view` of one directory (not -R): its entries sorted by raw bytes, from the whole view."""
+    r, view = _whole(db, ref)
+    chain_ids = {li.position: li.chain_id for li in r.layers}
+    node = view.get(path)
+    if node is None:
+        return None
+    entries = [(path, node)] if node.type != "d" else view.list_dir(path)
+    return [node_dict(q, n, chain_ids) for q, n in entries]
+
+
+def _check_dirs(db, ref: str) -> None:
+    """A directory's listing replays that directory and its children only: the
+    same rows as the whole view, for every directory, some files, a missing path."""
+    _, view = _whole(db, ref)
+    dirs = sorted(p for p, n in view.nodes.items() if n.type == "d")
+    others = sorted(p for p, n in view.nodes.items() if n.type != "d")[:3]
+    for p in dirs[:400] + others + [b"no/such/path", b"etc/passwd/x"]:
+        want = _want_dir(db, ref, p)
+        if want is None:
+            with pytest.raises(NotFound):
+                db.listing(ref, p)
+        else:
+            assert db.listing(ref, p) == want, (ref, p)
 
 
 def _want_diff(db, a: str, b: str) -> list[dict]:
@@ -104,6 +130,7 @@ def _check_store(db, monkeypatch, across: bool = True) -> None:
     for positions in images:
         for ref in positions:
             _check_listing(db, ref, monkeypatch)
+            _check_dirs(db, ref)
         for a in positions:
             for b in positions:
                 _check_diff(db, a, b, monkeypatch)
@@ -176,16 +203,8 @@ def test_streams_hold_a_bounded_view(db, tmp_path, monkeypatch):
     db.import_archive(str(arch), tag="t:1")
     want_rows = _want_listing(db, "t:1", b"")
     want_diff = _want_diff(db, "t:1~1", "t:1")
-    sizes = []
-
-    class Counted(View):
-        def replay(self, events):
-            super().replay(events)
-            sizes.append(len(self.nodes))
-            return self
-
     replaying(monkeypatch, 100)
-    monkeypatch.setattr(export, "View", Counted)
+    sizes = count_replays(monkeypatch, export)
     monkeypatch.setattr(audit, "RESTRICTED_PATHS", 0)
     assert db.listing("t:1", "/", recursive=True) == want_rows
     assert max(sizes) <= 110
