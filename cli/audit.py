@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Iterable
 
 import click
 
@@ -198,14 +199,14 @@ def render_patches(rows: list[dict]) -> None:
         write_text("\n")
 
 
-def render_changes(rows: list[dict], as_json: bool, no_trunc: bool) -> None:
+def render_changes(rows: Iterable[dict], as_json: bool, no_trunc: bool) -> None:
     if as_json:
         return json_rows(rows)
     last = None
     for r in rows:
         if r["position"] != last:
-            last = r["position"]
             cb = r["created_by"] or ""
-            write_text(f"{'' if last == rows[0]['position'] else chr(10)}{render.short(r['layer_id'])}  position {last}  "
+            write_text(f"{'' if last is None else chr(10)}{render.short(r['layer_id'])}  position {r['position']}  "
                        f"{cb if no_trunc else render.trunc(cb, 60)}\n")
+            last = r["position"]
         write_text("  " + change_line(r) + "\n")

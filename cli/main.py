@@ -198,7 +198,7 @@ def history(ctx, image, as_json, no_trunc, changes):
         from . import audit as audit_cli
         from layerdb.engine import audit
 
-        audit_cli.render_changes(audit.changes(db, image), as_json, no_trunc)
+        audit_cli.render_changes(audit.iter_changes(db, image), as_json, no_trunc)
         return
     rows = db.history(image)
     if as_json:

@@ -7,7 +7,8 @@ prints.  The CLI (layerdb.cli) is one client of this class.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
+import weakref
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from . import refs
 from .chunks import SqliteChunkStore
@@ -39,10 +40,22 @@ class LayerDB:
         self.store = Store(path if path is not None else default_db_path())
         self.chunks = SqliteChunkStore(self.store.conn)
         self.content = ContentStore(self.store.conn, self.chunks)
+        self._streams: weakref.WeakSet = weakref.WeakSet()
 
     def close(self) -> None:
+        # A stream left unfinished (`view -R | head`) holds a read transaction:
+        # end it while the connection is still open.
+        for rows in list(self._streams):
+            rows.close()
         self.content.close()
         self.store.close()
+
+    def stream(self, rows: Iterator[Any]) -> Iterator[Any]:
+        """Start a generator of rows whose first item is None (it has checked its
+        arguments, so errors come before any output) and let close() end it."""
+        next(rows)
+        self._streams.add(rows)
+        return rows
 
     def __enter__(self) -> "LayerDB":
         return self
@@ -175,9 +188,7 @@ class LayerDB:
                 raise NotFound(f"{show_path(p)}: no such file or directory at {ref}")
             entries = [(p, node)] if node.type != "d" else view.list_dir(p)
             return iter([node_dict(q, n, chain_ids) for q, n in entries])
-        rows = self._tree_rows(ref, p)
-        next(rows)  # resolves and checks the path: errors come before the first row
-        return rows
+        return self.stream(self._tree_rows(ref, p))
 
     def _tree_rows(self, ref: str, top: bytes) -> Iterator[dict | None]:
         """None once REF and top are checked, then every entry below top (not top

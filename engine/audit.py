@@ -205,9 +205,7 @@ def iter_diff(db: LayerDB, ref1: str, ref2: str, restrict: bool = True) -> Itera
     replays partition by partition) and are merged path by path: memory stays
     flat however many files the images hold.
     """
-    rows = _diff_rows(db, ref1, ref2, restrict)
-    next(rows)
-    return rows
+    return db.stream(_diff_rows(db, ref1, ref2, restrict))
 
 
 # Beyond this many paths in reach, the restricted replay's two views would hold
@@ -223,10 +221,9 @@ def _diff_rows(db: LayerDB, ref1: str, ref2: str, restrict: bool) -> Iterator[di
         a = refs.resolve(store, ref1)
         b = refs.resolve(store, ref2)
         k = _common_prefix(a, b)
-        views = _restricted_views(store, [a.chain, b.chain], k, RESTRICTED_PATHS) if restrict and k else None
         yield None
-        if views is not None:
-            yield from compare_views(*views)
+        if restrict and k:
+            yield from _chain_diff(store, a.chain, b.chain, k)
             return
         with TreeEntries(store, a.chain, temp="layerdb_diff_a") as ta, \
                 TreeEntries(store, b.chain, temp="layerdb_diff_b") as tb:
@@ -333,24 +330,44 @@ def steps(conn, chain: list[tuple[int, int]], view: View) -> Iterator[Step]:
 
 def changes(db: LayerDB, ref: str) -> list[dict]:
     """Each layer's change set against the layer below (A/C/D per path), newest layer first."""
+    return list(iter_changes(db, ref))
+
+
+def iter_changes(db: LayerDB, ref: str) -> Iterator[dict]:
+    """changes() as a stream; a bad ref raises here, before the first row.
+
+    Each layer is the diff of two chains, the layer's and the one below it,
+    sharing all but that layer: as `diff`, a restricted replay of what the
+    layer can reach, or both views streamed in tree order when it reaches much
+    (a base layer): memory stays flat however many files a layer holds."""
+    return db.stream(_change_rows(db, ref))
+
+
+def _change_rows(db: LayerDB, ref: str) -> Iterator[dict | None]:
     store = db.store
-    out: list[list[dict]] = []
     with store.read():
         r = refs.resolve(store, ref)
         created_by = db.created_by(r)
         chain_ids = {li.position: li.chain_id for li in r.layers}
-        for st in steps(store.conn, r.chain, View()):
-            rows = []
-            for p, before, bstate, after in st.paths:
-                c = classify(bstate, state(after))
-                if c is not None:
-                    row = {"position": st.position, "layer_id": chain_ids[st.position],
-                           "created_by": created_by.get(st.position)}
-                    row.update(_change_row(p, before, after, c))
-                    rows.append(row)
-            out.append(rows)
-    out.reverse()
-    return [row for rows in out for row in rows]
+        yield None
+        for k in range(len(r.chain), 0, -1):
+            pos = r.chain[k - 1][0]
+            head = {"position": pos, "layer_id": chain_ids[pos], "created_by": created_by.get(pos)}
+            for row in _chain_diff(store, r.chain[:k - 1], r.chain[:k], k - 1):
+                yield {**head, **row}
+
+
+def _chain_diff(store, a: list[tuple[int, int]], b: list[tuple[int, int]], k: int) -> Iterator[dict]:
+    """The change rows from chain a's view to chain b's (sharing their first k
+    layers), in tree order: restricted, else streamed."""
+    from .export import TreeEntries
+
+    views = _restricted_views(store, [a, b], k, RESTRICTED_PATHS)
+    if views is not None:
+        yield from compare_views(*views)
+        return
+    with TreeEntries(store, a, temp="layerdb_diff_a") as ta, TreeEntries(store, b, temp="layerdb_diff_b") as tb:
+        yield from _compare_streams(ta.batches(), tb.batches())
 
 
 # Waste -----------------------------------------------------------------------

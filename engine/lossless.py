@@ -50,16 +50,21 @@ def iter_layer_tar(conn, content: ContentStore, diff_rowid: int) -> Iterator[byt
         raise CorruptStore(f"diff {diff_rowid} has no framing")
     framing_blob, entries, diff_id = row
     rec = _Records(content.iter_blob(framing_blob))
+    # Streamed from the cursor, not fetched: a layer of many files would hold a row per file.
     payloads = conn.execute(
         "SELECT seq, blob_id FROM event WHERE diff_id = ? AND seq < ? AND kind != 2 ORDER BY seq",
         (diff_rowid, entries),
-    ).fetchall()
-    if len(payloads) != entries:
-        raise CorruptStore(f"{diff_id}: {entries} tar entries but {len(payloads)} events")
+    )
+    n = 0
     for seq, blob_id in payloads:
+        if seq != n:
+            break
+        n += 1
         yield rec.next()
         if blob_id is not None:
             yield from content.iter_blob(blob_id)
+    if n != entries:
+        raise CorruptStore(f"{diff_id}: {entries} tar entries but the events stop at {n}")
     yield rec.next()
     if not rec.at_end():
         raise CorruptStore(f"{diff_id}: framing has bytes after the end of the tar")

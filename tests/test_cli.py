@@ -203,3 +203,29 @@ def test_cat_of_a_large_file_with_a_missing_chunk_fails_with_one_line(store):
     assert r.exit_code == 6
     assert r.stderr.count("\n") == 1 and f"chunk {sha.hex()} is missing" in r.stderr
     assert len(r.stdout_bytes) == offset
+
+
+@pytest.mark.parametrize("args", [
+    ["view", "-R", "--at", "big:1", "/"],
+    ["view", "-R", "--json", "--at", "big:1", "/"],
+    ["diff", "big:1~1", "big:1"],
+    ["history", "--changes", "big:1"],
+    ["export", "--at", "big:1", "-o", "-"],
+], ids=["view", "view-json", "diff", "changes", "export"])
+def test_reader_leaving_early_is_not_an_error(tmp_path, args):
+    """`layerdb view -R ... | head`: the command stops quietly with status 0,
+    and the stream it left (a read transaction) ends before the store closes."""
+    from hostile.make_hostile import entry
+    from test_export_memory import _stacked
+
+    arch = _stacked(tmp_path, ("base", [entry(f"dir{i % 9}/file-with-a-long-name-{i}", b"%d\n" % i)
+                                        for i in range(4000)]),
+                    ("more", [entry(f"dir{i % 9}/file-with-a-long-name-{i}", b"v2\n") for i in range(0, 4000, 2)]))
+    db = tmp_path / "s.sqlite"
+    assert run_cli("import", str(arch), "--tag", "big:1", db_path=db).exit_code == 0
+    p = subprocess.Popen([sys.executable, "-m", "layerdb.cli", "--db", str(db), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(100)
+    p.stdout.close()  # well before the end: the output is some 200 KB
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and err == ""
