@@ -19,8 +19,8 @@ Nothing here prints: functions return rows (dicts, JSON-ready) for the CLI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
@@ -294,16 +294,38 @@ def _subtree(view: View, path: bytes, out: set[bytes]) -> None:
             stack.append(c)
 
 
-def steps(conn, chain: list[tuple[int, int]], view: View) -> Iterator[Step]:
-    """Replay a chain into `view` layer by layer, yielding what each layer changed.
+# A layer to step through: its position, and two ways to read its events: as
+# (kind, path, type, target) rows, and as Events in replay order.
+Layer = tuple[int, Callable[[], Iterable[tuple]], Callable[[], Iterable[Event]]]
 
-    A layer's events are read twice (scope, then replay) rather than held: a big
-    layer's event list never sits in memory, only the paths it reaches.
-    """
+
+def chain_layers(conn, chain: list[tuple[int, int]]) -> Iterator[Layer]:
+    """A chain's layers read from the store (twice each, rather than held: a
+    big layer's event list never sits in memory, only the paths it reaches)."""
     for pos, diff in chain:
+        yield (pos, lambda diff=diff: conn.execute(SCOPE_EVENTS, (diff,)),
+               lambda diff=diff, pos=pos: diff_events(conn, diff, pos))
+
+
+def event_layers(events: list[Event]) -> Iterator[Layer]:
+    """The layers of some events in replay order (a partition's), held."""
+    i = 0
+    while i < len(events):
+        j = i
+        while j < len(events) and events[j].position == events[i].position:
+            j += 1
+        evs = events[i:j]
+        yield (evs[0].position, lambda evs=evs: [(e.kind, e.path, e.type, e.target) for e in evs],
+               lambda evs=evs: evs)
+        i = j
+
+
+def steps(layers: Iterable[Layer], view: View) -> Iterator[Step]:
+    """Replay layers into `view` one by one, yielding what each layer changed."""
+    for pos, scope_rows, layer_events in layers:
         scope: set[bytes] = set()
         link_targets = []
-        for kind, path, type_, target in conn.execute(SCOPE_EVENTS, (diff,)):
+        for kind, path, type_, target in scope_rows():
             if kind == IGNORED:
                 continue
             scope.add(path)
@@ -321,7 +343,7 @@ def steps(conn, chain: list[tuple[int, int]], view: View) -> Iterator[Step]:
         before = {p: view.nodes.get(p) for p in scope}
         before_state = {p: state(n) for p, n in before.items()}
         puts = []
-        for ev in diff_events(conn, diff, pos):
+        for ev in layer_events():
             view.apply(ev)
             if ev.kind == PUT and ev.type == "f":
                 puts.append((ev, view.nodes[ev.path]))
@@ -383,6 +405,54 @@ class _Put:
     how: str | None = None
 
 
+@dataclass
+class _WasteSums:
+    total: int = 0  # every file put's size
+    smallest: int = 0  # per path, the smallest size it had (0 once the file left it)
+    wasted: list[_Put] = field(default_factory=list)
+    layer_bytes: dict[int, int] = field(default_factory=dict)  # file bytes each layer adds
+
+
+def _waste_pass(sums: _WasteSums, layers: Iterable[Layer], members: set[bytes] | None) -> None:
+    """Step through layers, adding to sums what the puts on `members` (None:
+    every path) cost and whether the top view still shows them."""
+    view = View()
+    puts: list[_Put] = []
+    by_node: dict[int, list[_Put]] = {}
+    cum: dict[bytes, int] = {}
+    least: dict[bytes, int] = {}
+    for st in steps(layers, view):
+        put_paths = set()
+        file_puts = [(ev, node) for ev, node in st.file_puts if members is None or ev.path in members]
+        for ev, node in file_puts:
+            size = ev.size or 0
+            rec = _Put(ev.path, st.position, size, ev.sha256, node)
+            puts.append(rec)
+            by_node.setdefault(id(node), []).append(rec)
+            put_paths.add(ev.path)
+            sums.layer_bytes[st.position] = sums.layer_bytes.get(st.position, 0) + size
+            cum[ev.path] = cum.get(ev.path, 0) + size
+            least[ev.path] = min(least.get(ev.path, size), size)
+        after_at = {p: after for p, _, _, after in st.paths}
+        for p, before, _, after in st.paths:
+            if before is None or after is before:
+                continue
+            how = "deleted" if after is None else "overwritten"
+            for rec in by_node.get(id(before), ()):
+                rec.gone_at, rec.how = st.position, how
+            if p in least and p not in put_paths:
+                least[p] = 0  # the file left this path: dive counts a size 0 for it
+        for ev, node in file_puts:
+            if after_at.get(ev.path) is not node:  # the same path again later in this layer
+                for rec in by_node[id(node)]:
+                    if rec.gone_at is None:
+                        rec.gone_at, rec.how = st.position, "overwritten"
+    live = {id(n) for n in view.nodes.values()}
+    sums.total += sum(cum.values())
+    sums.smallest += sum(least.values())
+    sums.wasted.extend(p for p in puts if id(p.node) not in live)
+
+
 def waste(db: LayerDB, ref: str) -> dict:
     """dive's efficiency analysis over the event log.
 
@@ -399,47 +469,24 @@ def waste(db: LayerDB, ref: str) -> dict:
     no user bytes (a one-layer image) it is None: dive's ratio is then NaN
     when nothing is wasted and +Inf otherwise (see waste_failures).
     """
+    from .export import TreeEntries, large
+
     store = db.store
+    sums = _WasteSums()
     with store.read():
         r = refs.resolve(store, ref)
         created_by = db.created_by(r)
         chain_ids = {li.position: li.chain_id for li in r.layers}
-        view = View()
-        puts: list[_Put] = []
-        by_node: dict[int, list[_Put]] = {}
-        cum: dict[bytes, int] = {}
-        least: dict[bytes, int] = {}
-        layer_bytes: dict[int, int] = {}
-        for st in steps(store.conn, r.chain, view):
-            put_paths = set()
-            layer_bytes[st.position] = 0
-            for ev, node in st.file_puts:
-                size = ev.size or 0
-                rec = _Put(ev.path, st.position, size, ev.sha256, node)
-                puts.append(rec)
-                by_node.setdefault(id(node), []).append(rec)
-                put_paths.add(ev.path)
-                layer_bytes[st.position] += size
-                cum[ev.path] = cum.get(ev.path, 0) + size
-                least[ev.path] = min(least.get(ev.path, size), size)
-            after_at = {p: after for p, _, _, after in st.paths}
-            for p, before, _, after in st.paths:
-                if before is None or after is before:
-                    continue
-                how = "deleted" if after is None else "overwritten"
-                for rec in by_node.get(id(before), ()):
-                    rec.gone_at, rec.how = st.position, how
-                if p in least and p not in put_paths:
-                    least[p] = 0  # the file left this path: dive counts a size 0 for it
-            for ev, node in st.file_puts:
-                if after_at.get(ev.path) is not node:  # the same path again later in this layer
-                    for rec in by_node[id(node)]:
-                        if rec.gone_at is None:
-                            rec.gone_at, rec.how = st.position, "overwritten"
-        live = {id(n) for n in view.nodes.values()}
-    total = sum(cum.values())
-    smallest = sum(least.values())
-    wasted = [p for p in puts if id(p.node) not in live]
+        if not large(store, r.chain):
+            _waste_pass(sums, chain_layers(store.conn, r.chain), None)
+        else:
+            # Path by path, the analysis is additive: each partition of paths
+            # (with the events that decide them) is analysed on its own, so
+            # memory holds a partition and the wasted files found, not the image.
+            with TreeEntries(store, r.chain, temp="layerdb_waste") as parts:
+                for paths, events in parts.partitions():
+                    _waste_pass(sums, event_layers(events), set(paths))
+    total, smallest, wasted, layer_bytes = sums.total, sums.smallest, sums.wasted, sums.layer_bytes
     per_layer: dict[int, int] = {}
     for p in wasted:
         per_layer[p.position] = per_layer.get(p.position, 0) + p.size

@@ -171,6 +171,11 @@ _TEMP, _CREATE, _FILL, PAGE = _temp_sql("layerdb_export")
 _BATCH = 500
 
 
+def large(store, chain: list[tuple[int, int]]) -> bool:
+    """Whether a chain has too many events to replay whole (WHOLE_EVENTS)."""
+    return sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for _, d in chain) > WHOLE_EVENTS
+
+
 class TreeEntries:
     """The entries of a chain's view in tree order, as batches for write_tar.
 
@@ -186,10 +191,7 @@ class TreeEntries:
         self._temp, create, fill, self._page = _temp_sql(temp)
         self.chain = chain
         self.view: View | None = None
-        self.partitioned = False
-        if not whole:
-            events = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for _, d in chain)
-            self.partitioned = events > WHOLE_EVENTS
+        self.partitioned = not whole and large(store, chain)
         if self.partitioned:
             store.execute(create)
             store.execute(f"DELETE FROM {self._temp}")
@@ -214,29 +216,37 @@ class TreeEntries:
             paths = sorted((p for p in view.nodes if p), key=tree_key)
             yield _entries(view, paths, None)
             return
+        for paths, events in self.partitions():
+            view = View().replay(events)
+            first = None
+            if any(ev.kind == PUT and ev.type == "h" for ev in events):
+                first = _first_names(view)
+            yield _entries(view, paths, first)
+
+    def partitions(self) -> Iterator[tuple[list[bytes], list[Event]]]:
+        """(paths, events) of a partitioned chain: every path its events name
+        (below the root) once, in tree order, PARTITION_PATHS at a time, with
+        the events that decide them, in replay order."""
+        assert self.partitioned
         after: tuple[bytes, int] = (b"", 1 << 62)  # past the root ('' sorts first)
         while True:
             rows = self.store.execute(self._page, (*after, PARTITION_PATHS)).fetchall()
             if not rows:
                 return
             after = rows[-1][0], rows[-1][1]
-            yield self._partition([(pid, path) for _, pid, path in rows])
+            members = [(pid, path) for _, pid, path in rows]
+            yield [p for _, p in members], self._events(members)
 
-    def _partition(self, members: list[tuple[int, bytes]]) -> list[Entry]:
-        """Replay what decides these paths (consecutive in tree order) and list them."""
+    def _events(self, members: list[tuple[int, bytes]]) -> list[Event]:
+        """What decides these paths (consecutive in tree order)."""
         names = {p for _, p in members}
         known = list(members)
         while True:
             events = closure_events(self.store, [self.chain], [members[0][1]], known=known)[0]
             more = self._undecided(events, names, members[-1][1])
             if not more:
-                break
+                return events
             known.extend(more)
-        view = View().replay(events)
-        first = None
-        if any(ev.kind == PUT and ev.type == "h" for ev in events):
-            first = _first_names(view)
-        return _entries(view, [p for _, p in members], first)
 
     def _undecided(self, events: list[Event], names: set[bytes], last: bytes) -> list[tuple[int, bytes]]:
         """Within the partition every path's subtree is there, except for the last

@@ -19,7 +19,8 @@ import tarfile
 
 import pytest
 
-from conftest import REPO_FIXTURES, SHARED_FIXTURES, load_json_lines, oracle_lines, oracle_positions, run_cli
+from conftest import (REPO_FIXTURES, SHARED_FIXTURES, load_json_lines, oracle_lines, oracle_positions, replaying,
+                      run_cli)
 from test_log import oracle_timeline
 from test_views import _cases
 
@@ -408,12 +409,15 @@ def expected_waste(archive, oracle, ref, tag):
     return files, total, (sum(least.values()) / total if total else 1.0)
 
 
+@pytest.mark.parametrize("partition", [None, 1, 3], ids=["whole", "partitions-of-1", "partitions-of-3"])
 @pytest.mark.parametrize("archive,oracle,ref,tag", CASES)
-def test_waste_matches_layer_tars_and_oracle(stores, archive, oracle, ref, tag):
+def test_waste_matches_layer_tars_and_oracle(stores, archive, oracle, ref, tag, partition, monkeypatch):
+    """Also when a large image's analysis runs partition by partition (forced tiny here)."""
     from layerdb.engine import audit
 
     db = stores(archive, tag)
     files, total, efficiency = expected_waste(archive, oracle, ref, tag)
+    replaying(monkeypatch, partition)
     rep = audit.waste(db, ref)
     assert rep["total_bytes"] == total
     assert rep["efficiency"] == pytest.approx(efficiency, abs=1e-12)
