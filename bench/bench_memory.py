@@ -2,14 +2,19 @@
 """Target 6, memory: peak RSS of `layerdb import` and `layerdb export` <= 100 MiB, for
 every image, and not growing with the image's size.
 
-Peak RSS is the child's own ru_maxrss (os.wait4), so runs do not mix.  Export
-writes the tar to stdout, redirected to /dev/null.  Beside each image: the peak
-RSS of `umoci unpack`, for scale.
+Peak RSS is the child's own (GNU time), so runs do not mix.  Export writes the
+tar to stdout, redirected to /dev/null.  Beside each image: the peak RSS of
+`umoci unpack`, for scale.  A third row per image holds the largest peak of the
+other commands that read a whole image (once each, on the first store):
+`save`, `waste`, `history --changes`, `diff` from the base layer, `view` of the
+root, and a container's life: create, `cp` a file in, `export` it, `commit`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +58,41 @@ def run_bench(runs: int) -> list[Result]:
         out.append(Result("memory", f"peak RSS, import {img.name} ({why}; {size})", max(imp), "limit", LIMIT, 1.0,
                           unit="B", extra={"umoci unpack": f"{max(umo) / MiB:.0f} MiB"}))
         out.append(Result("memory", f"peak RSS, export {img.name} ({why})", max(exp), "limit", LIMIT, 1.0, unit="B"))
+        others = _other_commands(work, archive, img.name, devnull)
+        worst = max(others, key=others.get)
+        out.append(Result("memory", f"peak RSS, the other whole-image commands on {img.name} (largest: {worst})",
+                          others[worst], "limit", LIMIT, 1.0, unit="B",
+                          extra={k: f"{v / MiB:.0f} MiB" for k, v in others.items()}))
     return out
+
+
+def _layers(db) -> int:
+    return json.loads(subprocess.run(ldb(db, "images", "--json"), capture_output=True, check=True,
+                                     text=True).stdout.splitlines()[0])["layers"]
+
+
+def _other_commands(work, archive, name: str, devnull) -> dict[str, int]:
+    """Peak RSS of each command on a fresh store of the image (bytes)."""
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "store.sqlite"
+    run(ldb(db, "import", archive))
+    src = work / "hello.txt"
+    src.write_bytes(b"hello\n")
+    peaks = {}
+    for label, args in [
+        ("save", ["save", name, "-o", "-"]),
+        ("waste", ["waste", name]),
+        ("history --changes", ["history", "--changes", name]),
+        ("diff", ["diff", f"{name}~{_layers(db) - 1}", name]),
+        ("view /", ["view", "--at", name, "/"]),
+        ("container create", ["container", "create", name, "--name", "box"]),
+        ("cp into it", ["cp", src, "box:/hello.txt"]),
+        ("export it", ["export", "--at", "box", "-o", "-"]),
+        ("commit", ["commit", "box", "bench/committed:1"]),
+    ]:
+        peaks[label] = run(ldb(db, *args), stdout=devnull).rss
+    rmtree(work)
+    return peaks
 
 
 if __name__ == "__main__":

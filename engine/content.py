@@ -25,6 +25,11 @@ from .errors import CorruptStore
 
 SMALL = 256 << 10
 PACK_TARGET = 1 << 20
+# A pack also ends at this many contents: each waits in memory as a row of
+# about 250 bytes until its pack is stored, so a layer of a million one-byte
+# files would otherwise hold them all in one pack.  Real images reach
+# PACK_TARGET first (a 1 MiB pack of 4096 files means 256-byte files).
+PACK_MEMBERS = 4096
 CDC_MIN, CDC_AVG, CDC_MAX = 64 << 10, 256 << 10, 1 << 20
 # Compressed chunks waiting for their INSERT: bounds memory to about this many MiB.
 MAX_IN_FLIGHT = 4
@@ -102,7 +107,7 @@ class ContentStore:
         pack = self._packs[kind]
         pack.members.append((bid, sha, len(pack.buf), len(data)))
         pack.buf += data
-        if len(pack.buf) >= PACK_TARGET:
+        if len(pack.buf) >= PACK_TARGET or len(pack.members) >= PACK_MEMBERS:
             self._flush_pack(kind)
         return bid
 

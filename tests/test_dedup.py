@@ -56,3 +56,28 @@ def test_identical_contents_in_different_layers_are_stored_once(db):
            WHERE p.path IN (CAST('app/config.ini' AS BLOB), CAST('app/settings.ini' AS BLOB)) AND b.sha256 = ?""",
         (sha,))}
     assert len(blob_ids) == 1
+
+
+def test_tiny_files_fill_packs_by_count_too(db, tmp_path):
+    """10k distinct few-byte files: packs close at PACK_MEMBERS contents, not
+    only at 1 MiB, since each content waits in memory until its pack is stored.
+    Every file still reads back."""
+    import io
+    import tarfile
+
+    from hostile.make_hostile import entry
+    from test_export_memory import _stacked
+
+    from layerdb.engine import content
+
+    n = 10_000
+    db.import_archive(str(_stacked(tmp_path, ("tiny", [entry(f"t/{i}", b"%d" % i) for i in range(n)]))),
+                      tag="t:1")
+    sizes = [c for (c,) in db.store.execute(
+        "SELECT count(*) FROM blob WHERE chunk IS NOT NULL GROUP BY chunk ORDER BY 1 DESC")]
+    assert max(sizes) == content.PACK_MEMBERS and sum(sizes) >= n
+    buf = io.BytesIO()
+    db.export_tar("t:1", buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as t:
+        got = {m.name: t.extractfile(m).read() for m in t if m.isreg() and m.name.startswith("t/")}
+    assert got == {f"t/{i}": b"%d" % i for i in range(n)}
