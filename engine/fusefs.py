@@ -35,7 +35,7 @@ from typing import Callable
 from .container import TYPE_BITS, TYPE_OF_BITS, Container, join, names_by_node, parent
 from .errors import LayerdbError, NotFound, UsageError
 from .log import get_logger
-from .replay import Node, View
+from .replay import Node, View, below, decided_events, tree_key
 
 try:
     import pyfuse3
@@ -111,6 +111,117 @@ class BlobRanges:
             at += len(piece)
             i += 1
         return b"".join(out)
+
+
+class ImageTree:
+    """A read-only view, loaded as the kernel asks for it: a path with the events
+    that decide it (replay.decided_events), a directory with its children.
+
+    Nodes wait in an LRU of NODES paths, so memory stays flat however many
+    files the image holds or the kernel has looked up.  Inode numbers come from
+    the path table (a path's id plus one), so no table of them grows either.
+    The names of a hard-linked file share one Node and one inode: its first
+    name's in tree order (every load of a name also loads its partners).
+    """
+
+    NODES = 16384
+    ROOT = 1  # FUSE's root inode (FUSE_ROOT_ID)
+
+    def __init__(self, store, chain: list[tuple[int, int]]):
+        self.store = store
+        self.chain = chain
+        self._nodes: collections.OrderedDict[bytes, Node | None] = collections.OrderedDict()
+        self._ids: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._paths: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # inode -> path
+        # Hard-linked files, kept for the mount's life (few images hold many):
+        # first name -> the shared Node, and per Node its first name and link count.
+        self._linked: dict[bytes, Node] = {}
+        self._names: dict[int, tuple[bytes, int]] = {}
+        self._totals: tuple[int, int] | None = None
+
+    def _remember(self, path: bytes, node: Node | None) -> None:
+        self._nodes[path] = node
+        self._nodes.move_to_end(path)
+        if len(self._nodes) > self.NODES:
+            self._nodes.popitem(last=False)
+
+    def _load(self, paths: list[bytes], known: list[tuple[int, bytes]] = ()) -> View:
+        with self.store.read():
+            view = View().replay(decided_events(self.store, [self.chain], paths, known)[0])
+        links = names_by_node(view)
+        for p in [*paths, *(q for _, q in known)]:
+            node = view.get(p)
+            if node is not None and id(node) in links:
+                names = links[id(node)]
+                first = min(names, key=tree_key)
+                shared = self._linked.get(first)
+                if shared is None:
+                    shared = self._linked[first] = node
+                    self._names[id(node)] = (first, len(names))
+                node = shared
+            self._remember(p, node)
+        for i, q in known:
+            self._ids[q] = i
+            self._ids.move_to_end(q)
+        while len(self._ids) > self.NODES:
+            self._ids.popitem(last=False)
+        return view
+
+    def get(self, path: bytes) -> Node | None:
+        if path in self._nodes:
+            self._nodes.move_to_end(path)
+            return self._nodes[path]
+        self._load([path])
+        return self._nodes.get(path)
+
+    def list_dir(self, d: bytes) -> list[bytes]:
+        """The paths directly below directory d, sorted by raw bytes."""
+        with self.store.read():
+            kids = below(self.store, self.chain, d, children=True)
+        view = self._load([d], kids)
+        return sorted(view.children.get(d, ()))
+
+    def nlink(self, node: Node) -> int:
+        return self._names.get(id(node), (b"", 1))[1]
+
+    def ino(self, path: bytes, node: Node) -> int:
+        if not path:
+            return self.ROOT
+        key = self._names.get(id(node), (path,))[0]
+        i = self._ids.get(key)
+        if i is None:
+            i = self.store.scalar("SELECT id FROM path WHERE path = ?", (key,))
+            self._ids[key] = i
+            if len(self._ids) > self.NODES:
+                self._ids.popitem(last=False)
+        self._paths[i + 1] = key
+        self._paths.move_to_end(i + 1)
+        if len(self._paths) > self.NODES:
+            self._paths.popitem(last=False)
+        return i + 1
+
+    def path_of(self, ino: int) -> bytes | None:
+        if ino == self.ROOT:
+            return b""
+        p = self._paths.get(ino)
+        if p is None:
+            p = self.store.scalar("SELECT path FROM path WHERE id = ?", (ino - 1,))
+        return p
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes of regular files, entries), counted once, streamed (export.TreeEntries)."""
+        if self._totals is None:
+            from .export import TreeEntries
+
+            used = files = 0
+            with self.store.read(), TreeEntries(self.store, self.chain, temp="layerdb_mount") as t:
+                for batch in t.batches():
+                    for _, node, _ in batch:
+                        files += 1
+                        if node.type == "f":
+                            used += node.size or 0
+            self._totals = used, files + 1  # and the root
+        return self._totals
 
 
 def _temp():
@@ -622,6 +733,89 @@ class _Limited:
         return b
 
 
+class ImageFS(LayerFS):
+    """Any view read-only, from an ImageTree: memory stays flat whatever the
+    image holds.  (A container's mount keeps the whole view: it must find every
+    name of a node it writes.)"""
+
+    def __init__(self, db, tree: ImageTree):
+        pyfuse3.Operations.__init__(self)
+        self.ctr = None
+        self.tree = tree
+        self.blobs = BlobRanges(db.store, db.chunks)
+        self.timeout = RO_TIMEOUT
+        self.handles: dict[int, tuple[int, bool]] = {}
+        self.buffers: dict[int, _Buffer] = {}  # stays empty: nothing is written
+        self.dirs: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.next_fh = 1
+
+    @property
+    def view(self) -> View:
+        raise AssertionError("ImageFS reads its ImageTree")
+
+    def _ino(self, path: bytes, node: Node) -> int:
+        return self.tree.ino(path, node)
+
+    def _path(self, ino: int) -> bytes | None:
+        return self.tree.path_of(ino)
+
+    def _node(self, ino: int) -> Node:
+        p = self.tree.path_of(ino)
+        node = None if p is None else self.tree.get(p)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> bytes:
+        p = self.tree.path_of(ino)
+        node = None if p is None else self.tree.get(p)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        if node.type != "d":
+            raise _fail(errno.ENOTDIR)
+        return p
+
+    def _nlink(self, node: Node) -> int:
+        return self.tree.nlink(node)
+
+    def _entry(self, path: bytes) -> "pyfuse3.EntryAttributes":
+        node = self.tree.get(path)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        return self._attrs(self._ino(path, node), node)
+
+    @_op
+    def opendir(self, inode, ctx):
+        d = self._dir(inode)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirs[fh] = [(c.rsplit(b"/", 1)[-1], c) for c in self.tree.list_dir(d)]
+        return fh
+
+    @_op
+    def readdir(self, fh, start_id, token):
+        entries = self.dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, p = entries[i]
+            node = self.tree.get(p)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(self._ino(p, node), node), i + 1):
+                break
+
+    @_op
+    def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        used, files = self.tree.totals()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = used // 4096 + 1
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = files
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+
 # Mounting -----------------------------------------------------------------------------
 
 
@@ -641,7 +835,9 @@ def mount(db, target: str, mountpoint: str, writable: bool) -> None:
         except NotFound:
             raise NotFound(f"no container matches {target!r}; to mount an image (read-only) use --at {target}") from None
     else:
-        fs = LayerFS(db, view=db.view(target))
+        with db.store.read():
+            chain = db.resolve(target).chain
+        fs = ImageFS(db, ImageTree(db.store, chain))
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if not writable:
         options.add("ro")

@@ -215,6 +215,10 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
 
 
 SUBTREE = "SELECT id, path FROM path WHERE path > ? AND path < ?"
+# Which of some paths have any path below them (in the path table: in any image).
+_HAS_BELOW = ("WITH c(p, lo, hi) AS (VALUES {}) SELECT p FROM c"
+              " WHERE EXISTS (SELECT 1 FROM path WHERE path > c.lo AND path < c.hi)")
+_HAS_BELOW_ROWS = 300
 EVENT_KEYS = ("SELECT e.diff_id, e.kind, e.seq, e.path_id, e.time FROM event e INDEXED BY event_by_path"
               " WHERE e.path_id IN ({}) AND {}")
 
@@ -234,6 +238,16 @@ def undecided(store, chain: list[tuple[int, int]], events: list[Event],
     for ev in events:
         if ev.kind == PUT and ev.type != "d" and ev.path not in since and might_miss(ev.path):
             since[ev.path] = replay_key(ev)  # events come in replay order: the first is the earliest
+    if not since:
+        return []
+    # One statement per few hundred paths finds the few with anything below them.
+    tops = list(since)
+    with_below: set[bytes] = set()
+    for i in range(0, len(tops), _HAS_BELOW_ROWS):
+        part = tops[i : i + _HAS_BELOW_ROWS]
+        args = [x for t in part for x in (t, t + b"/", t + b"0")]
+        with_below.update(p for (p,) in store.execute(_HAS_BELOW.format(",".join(["(?,?,?)"] * len(part))), args))
+    since = {t: k for t, k in since.items() if t in with_below}
     if not since:
         return []
     have = {ev.path for ev in events}

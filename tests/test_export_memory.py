@@ -247,6 +247,20 @@ def test_export_lookups_use_indexes(db):
         assert not any(step.startswith("SCAN") for step in plan), (sql, plan)
 
 
+def test_has_below_seeks_the_path_index(db):
+    """undecided()'s batched check: one index seek per listed path; the only
+    scans are of the listed values themselves."""
+    from layerdb.engine import replay
+
+    db.import_archive(str(REPO_FIXTURES / "images" / "sample.oci.tar"), tag="s:1")
+    sql = replay._HAS_BELOW.format(",".join(["(?,?,?)"] * replay._HAS_BELOW_ROWS))
+    plan = [row[3] for row in db.store.execute("EXPLAIN QUERY PLAN " + sql,
+                                                [b"etc", b"etc/", b"etc0"] * replay._HAS_BELOW_ROWS)]
+    assert any("SEARCH path" in step and "(path>? AND path<?)" in step for step in plan), plan
+    assert [step for step in plan if step.startswith("SCAN")] == ["SCAN %d CONSTANT ROWS" % replay._HAS_BELOW_ROWS,
+                                                                  "SCAN c"], plan
+
+
 def test_partitioned_export_of_a_damaged_store_fails_cleanly(db, monkeypatch):
     """A damaged chunk met in a later partition is CorruptStore, as in a whole
     replay, and the temporary table does not outlive the export."""
