@@ -131,7 +131,9 @@ class LayerDB:
     # Views ------------------------------------------------------------------
 
     def view(self, ref: str | refs.Resolved) -> View:
-        """The whole view at REF, replayed from the chain's events."""
+        """The whole view at REF, replayed from the chain's events.  It holds every
+        path of the image: the commands stream instead (export.TreeEntries,
+        iter_listing, iter_diff) or load only what they read (lookup, cat)."""
         with self.store.read():
             r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
             return View().replay(chain_events(self.store.conn, r.chain))
