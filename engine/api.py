@@ -14,7 +14,6 @@ from . import refs
 from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
-from .kinds import PUT
 from .replay import Event, Node, View, below, chain_events, decided_events, tree_key
 from .store import Store, default_db_path
 
@@ -240,35 +239,14 @@ class LayerDB:
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
         """The view at REF into a new directory DIR, in tree order, replayed in
         partitions when large (as export_tar)."""
-        from .export import TreeEntries, _refuse_special, write_dir_entries
+        from .export import TreeEntries, refuse_specials, write_dir_entries
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
             if not allow_devices:
-                # Checked before anything is written; without replaying the view:
-                # only the few paths that ever held a special file are looked up.
-                for p in self._special_candidates(r):
-                    node = View().replay(self._closure_events(r, p)).get(p)
-                    if node is not None and node.type in ("c", "b", "p"):
-                        _refuse_special(p, node)
+                refuse_specials(self.store, r.chain)
             with TreeEntries(self.store, r.chain) as source:
                 return write_dir_entries(source.batches(), self.content, target)
-
-    def _special_candidates(self, r: refs.Resolved) -> list[bytes]:
-        """Paths that may show a fifo or device at r: those a put made special in
-        the chain, and the hard links to them."""
-        found: set[bytes] = set()
-        for _, diff in r.chain:
-            found.update(p for (p,) in self.store.execute(
-                "SELECT p.path FROM event e JOIN path p ON p.id = e.path_id"
-                " WHERE e.diff_id = ? AND e.kind = ? AND e.type IN ('c', 'b', 'p')", (diff, PUT)))
-        special = sorted(found)
-        for i in range(0, len(special), 500):
-            part = special[i : i + 500]
-            found.update(p for (p,) in self.store.execute(
-                "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id JOIN path t ON t.id = e.target_id"
-                f" WHERE t.path IN ({','.join('?' * len(part))})", part))
-        return sorted(found)
 
     def layer_tar(self, diff_id: str) -> Iterator[bytes]:
         """The original tar of a stored diff, byte for byte, as a stream."""

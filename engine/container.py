@@ -793,7 +793,7 @@ class Container:
     def copy_out(self, path: str | bytes, target: str, allow_devices: bool = False) -> str:
         """`docker cp CONTAINER:PATH TARGET`: a file, a symlink, or a directory tree
         (holding fifos or device files only with allow_devices, as `export --dir`)."""
-        from .export import write_dir
+        from .export import TreeEntries, refuse_specials, subtree_batches, write_dir, write_dir_entries
 
         self.refresh()
         p, node = self._existing(path, follow=False)
@@ -802,8 +802,15 @@ class Container:
             dest = os.path.join(target, os.fsdecode(p.rsplit(b"/", 1)[-1]))
         if node.type == "d":
             with self.store.read():
-                tree = self._subtree(p)
-                write_dir(subview(tree, p), self.content, dest, allow_devices)
+                if self.whole or len(below(self.store, self.chain, p, limit=WHOLE_EVENTS + 1)) <= WHOLE_EVENTS:
+                    write_dir(subview(self._subtree(p), p), self.content, dest, allow_devices)
+                    return dest
+                # A large subtree streams from the container's whole view in tree order,
+                # partition by partition (as export --dir): memory stays flat.
+                if not allow_devices:
+                    refuse_specials(self.store, self.chain, p)
+                with TreeEntries(self.store, self.chain, temp="layerdb_copy") as source:
+                    write_dir_entries(subtree_batches(source, p), self.content, dest)
             return dest
         if node.type == "l":
             os.symlink(node.link or b"", dest)

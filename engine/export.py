@@ -13,8 +13,8 @@ from .chunks import Prefetch
 from .content import ContentStore
 from .errors import CorruptStore, LayerdbError, UsageError
 from .kinds import PUT
-from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, tree_key,
-                     undecided)
+from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, decided_events,
+                     tree_key, undecided)
 
 def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
@@ -353,6 +353,63 @@ class _DirWriter:
 
 def _fd_path(dfd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dfd, name)
+
+
+def refuse_specials(store, chain: list[tuple[int, int]], under: bytes = b"") -> None:
+    """Refuse a view (or its subtree at `under`) that shows a fifo or a device,
+    before anything is written and without replaying the view: only the paths
+    that ever held one in the chain, and the hard links to them, are looked up."""
+    found: set[bytes] = set()
+    for _, diff in chain:
+        found.update(p for (p,) in store.execute(
+            "SELECT p.path FROM event e JOIN path p ON p.id = e.path_id"
+            " WHERE e.diff_id = ? AND e.kind = ? AND e.type IN ('c', 'b', 'p')", (diff, PUT)))
+    special = sorted(found)
+    for i in range(0, len(special), _BATCH):
+        part = special[i : i + _BATCH]
+        found.update(p for (p,) in store.execute(
+            "SELECT DISTINCT p.path FROM event e JOIN path p ON p.id = e.path_id JOIN path t ON t.id = e.target_id"
+            f" WHERE t.path IN ({','.join('?' * len(part))})", part))
+    for p in sorted(found):
+        if under and not p.startswith(under + b"/"):
+            continue
+        node = View().replay(decided_events(store, [chain], [p])[0]).get(p)
+        if node is not None and node.type in ("c", "b", "p"):
+            _refuse_special(p, node)
+
+
+def subtree_batches(source: "TreeEntries", top: bytes) -> Iterator[list[Entry]]:
+    """The entries below `top` from a whole view's stream, with paths relative to
+    top: a subtree is one run in tree order.  A file whose first name lies outside
+    the subtree gets its data at its first name inside it."""
+    if not top:
+        yield from source.batches()
+        return
+    prefix = tree_key(top) + b"\0"
+    cut = len(top) + 1
+    moved: dict[bytes, bytes] = {}  # first name outside -> first name inside
+    inside = False
+    for batch in source.batches():
+        out: list[Entry] = []
+        for path, node, first in batch:
+            if not tree_key(path).startswith(prefix):
+                if inside:
+                    if out:
+                        yield out
+                    return
+                continue
+            inside = True
+            if first is not None:
+                if first.startswith(top + b"/"):
+                    first = first[cut:]
+                elif first in moved:
+                    first = moved[first]
+                else:
+                    moved[first] = path[cut:]
+                    first = None
+            out.append((path[cut:], node, first))
+        if out:
+            yield out
 
 
 def _refuse_special(path: bytes, node: Node) -> None:

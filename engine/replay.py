@@ -275,11 +275,12 @@ def undecided(store, chain: list[tuple[int, int]], events: list[Event],
 _IN_CHAIN = " AND EXISTS (SELECT 1 FROM event e INDEXED BY event_by_path WHERE e.path_id = p.id AND {})"
 
 
-def below(store, chain: list[tuple[int, int]], top: bytes, children: bool = False) -> list[tuple[int, bytes]]:
+def below(store, chain: list[tuple[int, int]], top: bytes, children: bool = False,
+          limit: int = -1) -> list[tuple[int, bytes]]:
     """The (id, path) pairs below `top` that the chain's events name: every
-    path of its subtree, or its direct children only.  Every path a view
-    holds is named by an event of its chain (parents no tar names are
-    IMPLIED events), so these are all the paths the view can hold there."""
+    path of its subtree, or its direct children only (at most `limit`).  Every
+    path a view holds is named by an event of its chain (parents no tar names
+    are IMPLIED events), so these are all the paths the view can hold there."""
     cond, diffs = in_diffs([d for _, d in chain])
     if top:
         sql, args = "SELECT p.id, p.path FROM path p WHERE p.path > ? AND p.path < ?", [top + b"/", top + b"0"]
@@ -290,7 +291,7 @@ def below(store, chain: list[tuple[int, int]], top: bytes, children: bool = Fals
         sql, args = "SELECT p.id, p.path FROM path p WHERE p.path > ?", [b""]
         if children:
             sql += " AND instr(p.path, '/') = 0"
-    return store.execute(sql + _IN_CHAIN.format(cond), args + diffs).fetchall()
+    return store.execute(sql + _IN_CHAIN.format(cond) + " LIMIT ?", args + diffs + [limit]).fetchall()
 
 
 def decided_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[bytes],

@@ -682,3 +682,25 @@ def test_gc_rm_and_fsck_respect_containers(tmp_path):
     assert run_cli("cat", "--at", "c1", "/note.txt", db_path=p).stdout_bytes == b"kept through gc\n"
     r = run_cli("fsck", "--deep", db_path=p)
     assert r.exit_code == 0, r.stdout + r.stderr
+
+
+@root_only
+def test_copy_out_of_directories_matches_the_export(sample, tmp_path):
+    """`cp CONTAINER:DIR` gives the tree that `export --dir` gives below DIR (a
+    large subtree streams in tree order, as the partial mode forces here).
+    Hard links inside the copied tree stay links; a file whose other name lies
+    outside it is copied as a file."""
+    sample.container_create("sample:1.0", "c")
+    sample.link("c", "/etc/vlink", "/app/VERSION")  # a second name outside /app, first in tree order there
+    sample.write_file("c", "/etc/new.conf", b"k=v\n", mtime=T)
+    whole = tmp_path / "whole"
+    sample.export_dir("c", str(whole))
+    for top in ("app", "etc", ""):
+        out = tmp_path / f"copy-{top or 'root'}"
+        sample.copy_out("c", "/" + top, str(out))
+        assert manifest_of_dir(out) == manifest_of_dir(whole / top if top else whole), top
+    app, etc = tmp_path / "copy-app", tmp_path / "copy-etc"
+    assert os.stat(app / "VERSION").st_ino == os.stat(app / "version.txt").st_ino
+    assert os.stat(etc / "vlink").st_nlink == 1 and (etc / "vlink").read_bytes() == (app / "VERSION").read_bytes()
+    root = tmp_path / "copy-root"
+    assert os.stat(root / "etc" / "vlink").st_ino == os.stat(root / "app" / "VERSION").st_ino
