@@ -125,6 +125,8 @@ class ImageTree:
     """
 
     NODES = 16384
+    SUBTREE = 1024  # a directory with at most this many paths below it loads them all at once
+    LISTINGS = 1024  # directory listings kept
     ROOT = 1  # FUSE's root inode (FUSE_ROOT_ID)
 
     def __init__(self, store, chain: list[tuple[int, int]]):
@@ -133,6 +135,7 @@ class ImageTree:
         self._nodes: collections.OrderedDict[bytes, Node | None] = collections.OrderedDict()
         self._ids: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._paths: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # inode -> path
+        self._listings: collections.OrderedDict[bytes, list[bytes]] = collections.OrderedDict()
         # Hard-linked files, kept for the mount's life (few images hold many):
         # first name -> the shared Node, and per Node its first name and link count.
         self._linked: dict[bytes, Node] = {}
@@ -175,11 +178,29 @@ class ImageTree:
         return self._nodes.get(path)
 
     def list_dir(self, d: bytes) -> list[bytes]:
-        """The paths directly below directory d, sorted by raw bytes."""
+        """The paths directly below directory d, sorted by raw bytes.  A small
+        subtree loads whole, listing its directories ahead (`ls -R`, `find`)."""
+        kids = self._listings.get(d)
+        if kids is not None:
+            self._listings.move_to_end(d)
+            return kids
         with self.store.read():
-            kids = below(self.store, self.chain, d, children=True)
-        view = self._load([d], kids)
-        return sorted(view.children.get(d, ()))
+            rows = below(self.store, self.chain, d, limit=self.SUBTREE + 1)
+            small = len(rows) <= self.SUBTREE
+            if not small:
+                rows = below(self.store, self.chain, d, children=True)
+        view = self._load([d], rows)
+        for q in (q for _, q in rows) if small else ():
+            if q not in self._listings and (n := view.get(q)) is not None and n.type == "d":
+                self._listing(q, sorted(view.children.get(q, ())))
+        return self._listing(d, sorted(view.children.get(d, ())))
+
+    def _listing(self, d: bytes, kids: list[bytes]) -> list[bytes]:
+        self._listings[d] = kids
+        self._listings.move_to_end(d)
+        while len(self._listings) > self.LISTINGS:
+            self._listings.popitem(last=False)
+        return kids
 
     def nlink(self, node: Node) -> int:
         return self._names.get(id(node), (b"", 1))[1]

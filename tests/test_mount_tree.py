@@ -2,8 +2,9 @@
 
 ImageTree loads a path, or a directory's children, with the events that
 decide them, and keeps only an LRU of nodes.  For every fixture image at
-every layer, with the LRU forced down to a few nodes (so everything is loaded
-again and again) and at its default: every path shows the whole view's node,
+every layer, with the LRU forced down to a few nodes and directories loaded
+child by child (so everything is loaded again and again), and at its defaults
+(small subtrees load at once): every path shows the whole view's node,
 every directory lists the whole view's children, hard-linked names share one
 inode and count their names, other paths have inodes of their own, and the
 totals are the view's.  No FUSE needed: test_fuse.py mounts it for real.
@@ -23,7 +24,12 @@ FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "blob_id", "sha256", "l
 
 
 def _check(db, ref: str, nodes: int, monkeypatch) -> None:
+    """nodes: the LRU's size; a tiny one also keeps one listing and loads
+    directories child by child (no subtree at once)."""
     monkeypatch.setattr(ImageTree, "NODES", nodes)
+    if nodes < 10:
+        monkeypatch.setattr(ImageTree, "SUBTREE", 0)
+        monkeypatch.setattr(ImageTree, "LISTINGS", 1)
     with db.store.read():
         chain = refs.resolve(db.store, ref).chain
         whole = View().replay(chain_events(db.store.conn, chain))
@@ -50,7 +56,7 @@ def _check(db, ref: str, nodes: int, monkeypatch) -> None:
     assert tree.totals() == (used, len(whole.nodes))
 
 
-@pytest.mark.parametrize("nodes", [3, ImageTree.NODES], ids=["lru-3", "lru-default"])
+@pytest.mark.parametrize("nodes", [3, ImageTree.NODES], ids=["lru-3-children", "lru-default-subtrees"])
 @pytest.mark.parametrize("archive", fixture_archives(REPO_FIXTURES) + fixture_archives(SHARED_FIXTURES),
                          ids=lambda p: p.name)
 def test_mount_tree_shows_the_whole_view(db, archive, nodes, monkeypatch):
