@@ -195,7 +195,8 @@ class Container:
     partial view instead: the paths loaded so far, each with every event that
     decides it.  Reads go through _get/_children/_subtree, which load what is
     missing; appended events drop the partial view (the next read reloads).
-    whole=True forces the whole view (a FUSE mount lists every directory).
+    whole=True forces the whole view: a read-write mount binds inodes to Node
+    objects, which a partial view replaces each time it loads.
     """
 
     def __init__(self, store: Store, content: ContentStore, name: str, whole: bool | None = None):
