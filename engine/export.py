@@ -20,9 +20,12 @@ def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-# Packs (1 MiB each) kept decoded while later files still need them; beyond
-# this, the oldest is dropped and read again if wanted (memory stays flat).
-MAX_HELD_PACKS = 32
+# Decoded packs kept while later files of the partition still need them, up to
+# this many bytes; beyond, the least recently used is dropped, and read again
+# (once) if wanted.  A pack holds up to 1 MiB, fewer bytes when it closed at its
+# count of files; tree order visits packs in any order when a layer's tar was
+# not written in sorted order.
+HELD_BYTES = 32 << 20
 FLUSH_AT = 256 << 10
 DIRECT_AT = 64 << 10  # pieces at least this large are written as they are, not copied into the buffer
 
@@ -70,6 +73,7 @@ def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, b
                     work.append(where[0])
                 uses[where[0]] = uses.get(where[0], 0) + 1
     decoded: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+    held = 0  # bytes in decoded
     evicted: set[bytes] = set()
     header = tw.header
     with Prefetch(content.chunks, work) as fetched:
@@ -95,20 +99,27 @@ def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, b
                         pieces = (fetched.next() for _ in range(chunk_count[node.blob_id]))
                     else:
                         pack, offset = where
-                        if pack in decoded:
-                            data = decoded[pack]
-                        elif pack in evicted:  # dropped to bound memory: read it again, here
-                            data = content.chunks.get(pack)
+                        data = decoded.get(pack)
+                        if data is not None:
+                            decoded.move_to_end(pack)
                         else:
-                            data = decoded[pack] = fetched.next()
-                            if len(decoded) > MAX_HELD_PACKS:
-                                evicted.add(decoded.popitem(last=False)[0])
+                            if pack in evicted:  # dropped to bound memory: read it again, here
+                                data = content.chunks.get(pack)
+                            else:
+                                data = fetched.next()
+                            decoded[pack] = data
+                            held += len(data)
+                            while held > HELD_BYTES and decoded:
+                                old, dropped = decoded.popitem(last=False)
+                                evicted.add(old)
+                                held -= len(dropped)
                         if offset + size > len(data):
                             raise CorruptStore(f"/{_s(path)}: its content lies outside its pack")
                         pieces = (memoryview(data)[offset : offset + size],)
                         uses[pack] -= 1
-                        if not uses[pack]:
-                            decoded.pop(pack, None)  # its last file: memory holds packs still in use
+                        if not uses[pack]:  # its last file: memory holds packs still in use
+                            if decoded.pop(pack, None) is not None:
+                                held -= len(data)
                     for piece in pieces:
                         got += len(piece)
                         if len(piece) >= DIRECT_AT:

@@ -87,7 +87,7 @@ def test_export_rereads_packs_it_had_to_drop(db, tmp_path, monkeypatch):
     from the store; the export is still exactly the oracle's view."""
     from layerdb.engine import export
 
-    monkeypatch.setattr(export, "MAX_HELD_PACKS", 0)
+    monkeypatch.setattr(export, "HELD_BYTES", 0)
     archive = REPO_FIXTURES / "images" / "sample.oci.tar"
     oracle = REPO_FIXTURES / "oracle" / "sample"
     db.import_archive(str(archive), tag="s:1")
