@@ -30,6 +30,7 @@ PACK_TARGET = 1 << 20
 # files would otherwise hold them all in one pack.  Real images reach
 # PACK_TARGET first (a 1 MiB pack of 4096 files means 256-byte files).
 PACK_MEMBERS = 4096
+CACHE_BYTES = 8 << 20  # decoded packs kept for reads file by file
 CDC_MIN, CDC_AVG, CDC_MAX = 64 << 10, 256 << 10, 1 << 20
 # Compressed chunks waiting for their INSERT: bounds memory to about this many MiB.
 MAX_IN_FLIGHT = 4
@@ -66,6 +67,7 @@ class ContentStore:
         self._packs = {"data": _Pack(), "framing": _Pack()}
         self._next_id: int | None = None
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._cached = 0  # bytes in _cache
         self.stored_bytes = 0  # compressed bytes written by this ContentStore
 
     # Writing ----------------------------------------------------------------
@@ -199,8 +201,11 @@ class ContentStore:
             return data
         data = self.chunks.get(sha)
         self._cache[sha] = data
-        if len(self._cache) > 8:  # a few packs: export reads neighbours from the same pack
-            self._cache.popitem(last=False)
+        self._cached += len(data)
+        # A few packs by bytes (a pack that closed at its count of files is
+        # small): export --dir and cp read neighbours from the same pack.
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            self._cached -= len(self._cache.popitem(last=False)[1])
         return data
 
     def locate(self, blob_ids: Iterable[int]) -> dict[int, tuple[bytes, int]]:
