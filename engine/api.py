@@ -14,7 +14,7 @@ from . import refs
 from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
-from .replay import Event, Node, View, below, chain_events, decided_events, tree_key
+from .replay import Event, Node, View, below, chain_events, decided_events
 from .store import Store, default_db_path
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
@@ -195,7 +195,7 @@ class LayerDB:
         """None once REF and top are checked, then every entry below top (not top
         itself; a non-directory: that entry), in tree order, streamed.  One read
         transaction from the resolution to the last row."""
-        from .export import TreeEntries
+        from .export import TreeEntries, within
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
@@ -209,16 +209,9 @@ class LayerDB:
                     yield node_dict(top, node, chain_ids)
                     return
             yield None
-            prefix = tree_key(top) + b"\0" if top else b""
             with TreeEntries(self.store, r.chain) as source:
-                inside = False
-                for batch in source.batches():
-                    for q, n, _ in batch:
-                        if tree_key(q).startswith(prefix):
-                            inside = True
-                            yield node_dict(q, n, chain_ids)
-                        elif inside:
-                            return  # a subtree is one run in tree order: past it, done
+                for q, n, _ in within(source.batches(), top):
+                    yield node_dict(q, n, chain_ids)
 
 
     # Export -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from . import refs
 from .api import LayerDB, _timeline, parse_path, show_path
 from .errors import NotFound, UsageError
 from .kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from .replay import SUBTREE, Event, Node, View, decided_events, diff_events, tree_key
+from .replay import SUBTREE, Event, Node, View, decided_events, diff_events, event_count, tree_key
 
 # A node's observable state, field by field, as the comparisons see it.
 STATE_FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "sha256", "link", "devmajor", "devminor", "xattrs")
@@ -132,9 +132,7 @@ def _restricted_views(store, chains: list[list[tuple[int, int]]], k: int,
     or when more than `limit` paths are in reach (events above the prefix, then
     named paths and subtrees below deletions and replacements)."""
     if limit is not None:
-        above = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (diff,))
-                    for chain in chains for _, diff in chain[k:])
-        if above > limit:
+        if event_count(store, (diff for chain in chains for _, diff in chain[k:])) > limit:
             return None
     named: set[bytes] = set()
     roots: set[bytes] = set()

@@ -44,7 +44,7 @@ from .content import ContentStore
 from .errors import NoSuchPath, NotFound, PathError, UsageError
 from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
 from .importer import _ancestors as ancestors, _parent as parent
-from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events
+from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events, event_count
 from .store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -209,8 +209,7 @@ class Container:
             self.name, self.diff_rowid, self.diff_id, self.image_rowid, self.image_digest, top = row
             self.base = refs.chain_of(store, top) if top is not None else []
             if whole is None:
-                whole = sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,))
-                            for _, d in self.base_chain) <= WHOLE_EVENTS
+                whole = event_count(store, (d for _, d in self.base_chain)) <= WHOLE_EVENTS
         self.whole = whole
         self.position = len(self.base) + 1
         self._view: View | None = None

@@ -14,7 +14,7 @@ from .content import ContentStore
 from .errors import CorruptStore, LayerdbError, UsageError
 from .kinds import PUT
 from .replay import (TREE_KEY_SQL, Event, Node, View, _parent, chain_events, closure_events, decided_events,
-                     tree_key, undecided)
+                     event_count, tree_key, undecided)
 
 def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
@@ -184,7 +184,7 @@ _BATCH = 500
 
 def large(store, chain: list[tuple[int, int]]) -> bool:
     """Whether a chain has too many events to replay whole (WHOLE_EVENTS)."""
-    return sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for _, d in chain) > WHOLE_EVENTS
+    return event_count(store, (d for _, d in chain)) > WHOLE_EVENTS
 
 
 class TreeEntries:
@@ -389,38 +389,49 @@ def refuse_specials(store, chain: list[tuple[int, int]], under: bytes = b"") -> 
             _refuse_special(p, node)
 
 
+def within(batches: Iterable[list[Entry]], top: bytes) -> Iterator[Entry]:
+    """The entries strictly below `top` from a whole view's batches (all of them
+    for the root).  A subtree is one run in tree order: past it, reading stops."""
+    if not top:
+        for batch in batches:
+            yield from batch
+        return
+    prefix = tree_key(top) + b"\0"
+    inside = False
+    for batch in batches:
+        for entry in batch:
+            if tree_key(entry[0]).startswith(prefix):
+                inside = True
+                yield entry
+            elif inside:
+                return
+
+
 def subtree_batches(source: "TreeEntries", top: bytes) -> Iterator[list[Entry]]:
-    """The entries below `top` from a whole view's stream, with paths relative to
-    top: a subtree is one run in tree order.  A file whose first name lies outside
-    the subtree gets its data at its first name inside it."""
+    """The entries below `top`, with paths relative to it, in batches.  A file
+    whose first name lies outside the subtree gets its data at its first name
+    inside it."""
     if not top:
         yield from source.batches()
         return
-    prefix = tree_key(top) + b"\0"
     cut = len(top) + 1
     moved: dict[bytes, bytes] = {}  # first name outside -> first name inside
-    inside = False
-    for batch in source.batches():
-        out: list[Entry] = []
-        for path, node, first in batch:
-            if not tree_key(path).startswith(prefix):
-                if inside:
-                    if out:
-                        yield out
-                    return
-                continue
-            inside = True
-            if first is not None:
-                if first.startswith(top + b"/"):
-                    first = first[cut:]
-                elif first in moved:
-                    first = moved[first]
-                else:
-                    moved[first] = path[cut:]
-                    first = None
-            out.append((path[cut:], node, first))
-        if out:
+    out: list[Entry] = []
+    for path, node, first in within(source.batches(), top):
+        if first is not None:
+            if first.startswith(top + b"/"):
+                first = first[cut:]
+            elif first in moved:
+                first = moved[first]
+            else:
+                moved[first] = path[cut:]
+                first = None
+        out.append((path[cut:], node, first))
+        if len(out) >= PARTITION_PATHS:
             yield out
+            out = []
+    if out:
+        yield out
 
 
 def _refuse_special(path: bytes, node: Node) -> None:

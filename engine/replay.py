@@ -272,6 +272,11 @@ def undecided(store, chain: list[tuple[int, int]], events: list[Event],
     return more
 
 
+def event_count(store, diffs: Iterable[int]) -> int:
+    """How many events these diffs hold (the primary key counts them)."""
+    return sum(store.scalar("SELECT count(*) FROM event WHERE diff_id = ?", (d,)) for d in diffs)
+
+
 _IN_CHAIN = " AND EXISTS (SELECT 1 FROM event e INDEXED BY event_by_path WHERE e.path_id = p.id AND {})"
 
 
@@ -445,5 +450,5 @@ class View:
         return [(c, self.nodes[c]) for c in sorted(self.children.get(path, ()))]
 
 
-__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "decided_events", "below", "undecided", "diff_events", "replay_key", "tree_key",
+__all__ = ["View", "Node", "Event", "chain_events", "closure_events", "decided_events", "below", "event_count", "undecided", "diff_events", "replay_key", "tree_key",
            "IGNORED"]

@@ -243,9 +243,9 @@ def test_cli_streams_the_same_rows(tmp_path, monkeypatch):
     assert stat == audit.diff_stat(want_diff)
 
 
-def test_containers_replay_whole_and_agree(db, monkeypatch):
-    """A container's log replays whole (its events are not by path); the image it
-    is compared with may replay in partitions."""
+def test_containers_stream_and_agree(db, monkeypatch):
+    """A container's view (its log replays in seq order) streams in partitions as an
+    image's does, and agrees with the whole replay, against itself and its image."""
     db.import_archive(str(REPO_FIXTURES / "images" / "sample.oci.tar"))
     db.container_create("sample:1.0", "c")
     db.mkdir("c", "/d")
