@@ -456,9 +456,9 @@ def write_dir_entries(batches: Iterable[list[Entry]], content: ContentStore, tar
     set last)."""
     if os.path.lexists(target):
         if not os.path.isdir(target) or os.path.islink(target):
-            raise UsageError(f"--dir {target}: exists and is not a directory")
+            raise UsageError(f"{target}: exists and is not a directory")
         if os.listdir(target):
-            raise UsageError(f"--dir {target}: directory is not empty")
+            raise UsageError(f"{target}: exists and is not empty (the target must be new or an empty directory)")
     else:
         os.makedirs(target)
     w = _DirWriter(target)
