@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from . import render
-from .audit import json_rows, write_text
-from .main import cli, json_option, open_db
+from .audit_cmds import json_rows, write_text
+from .base import cli, json_option, open_db
 
 
 @cli.group()
@@ -164,6 +164,6 @@ def mount(ctx, ref, args):
 @click.argument("mountpoint")
 def umount(mountpoint):
     """Unmount a `layerdb mount` (its process then exits)."""
-    from layerdb.engine import fusefs
+    from layerdb.engine.api import LayerDB
 
-    fusefs.unmount(mountpoint)
+    LayerDB.unmount(mountpoint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import render
-from .main import cli, json_option, open_db
+from .base import cli, json_option, open_db
 
 
 @cli.command()

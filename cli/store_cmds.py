@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import render
-from .main import cli, json_option, open_db
+from .base import cli, json_option, open_db
 
 
 @cli.command()

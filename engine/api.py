@@ -6,67 +6,27 @@ prints.  The CLI (layerdb.cli) is one client of this class.
 
 from __future__ import annotations
 
-import os
-import weakref
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from . import refs
-from .chunks import SqliteChunkStore
-from .content import ContentStore
 from .errors import NotFound, UsageError
-from .replay import Event, Node, View, below, chain_events, decided_events
-from .store import Store, default_db_path
+from .paths import parse_path, show_path
+from .reader import TYPE_NAMES, Reader, node_dict
+from .replay import View, below, decided_events
 
 if TYPE_CHECKING:  # the importer and exporter pull in tarfile and more: loaded when used
-    from .importer import ImportResult, Progress
-
-TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "h": "hardlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
+    from .ingest.importer import ImportResult, Progress
 
 
-def parse_path(path: str | bytes) -> bytes:
-    """A user-given path (absolute or not) as the store's raw relative path."""
-    raw = path if isinstance(path, bytes) else os.fsencode(path)
-    return b"/".join(p for p in raw.split(b"/") if p and p != b".")
 
-
-def show_path(path: bytes) -> str:
-    """Absolute, /-rooted, non-UTF-8 bytes as surrogate escapes (DESIGN.md)."""
-    return "/" + path.decode("utf-8", "surrogateescape")
-
-
-class LayerDB:
-    def __init__(self, path: str | os.PathLike[str] | None = None):
-        self.store = Store(path if path is not None else default_db_path())
-        self.chunks = SqliteChunkStore(self.store.conn)
-        self.content = ContentStore(self.store.conn, self.chunks)
-        self._streams: weakref.WeakSet = weakref.WeakSet()
-
-    def close(self) -> None:
-        # A stream left unfinished (`view -R | head`) holds a read transaction:
-        # end it while the connection is still open.
-        for rows in list(self._streams):
-            rows.close()
-        self.content.close()
-        self.store.close()
-
-    def stream(self, rows: Iterator[Any]) -> Iterator[Any]:
-        """Start a generator of rows whose first item is None (it has checked its
-        arguments, so errors come before any output) and let close() end it."""
-        next(rows)
-        self._streams.add(rows)
-        return rows
-
-    def __enter__(self) -> "LayerDB":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+class LayerDB(Reader):
+    """The store's commands.  Reading (resolve, view, lookup) is Reader's."""
 
     # Import ---------------------------------------------------------------
 
     def import_archive(self, archive: str, tag: str | None = None, platform: str | None = None,
                        progress: Progress | None = None) -> ImportResult:
-        from .importer import Importer
+        from .ingest.importer import Importer
 
         return Importer(self.store, self.content, progress).import_archive(archive, tag, platform)
 
@@ -85,10 +45,6 @@ class LayerDB:
                 out.append({"id": digest, "repo_tags": refs.image_tags(self.store, rowid), "layers": len(chain),
                             "size": size, "created": created})
         return out
-
-    def resolve(self, ref: str) -> refs.Resolved:
-        with self.store.read():
-            return refs.resolve(self.store, ref)
 
     def history(self, ref: str) -> list[dict]:
         """The image's history, newest first, like `docker history`."""
@@ -121,39 +77,14 @@ class LayerDB:
         out.reverse()
         return out
 
-    def created_by(self, r: refs.Resolved) -> dict[int, str | None]:
-        if r.image_rowid is None:
-            return {}
-        return {pos: cb for pos, cb in self.store.execute(
-            "SELECT position, created_by FROM history WHERE image_id = ? AND position IS NOT NULL", (r.image_rowid,))}
-
     # Views ------------------------------------------------------------------
-
-    def view(self, ref: str | refs.Resolved) -> View:
-        """The whole view at REF, replayed from the chain's events.  It holds every
-        path of the image: the commands stream instead (export.TreeEntries,
-        iter_listing, iter_diff) or load only what they read (lookup, cat)."""
-        with self.store.read():
-            r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
-            return View().replay(chain_events(self.store.conn, r.chain))
-
-    def _closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
-        """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""
-        return decided_events(self.store, [r.chain], [path])[0]
-
-    def lookup(self, ref: str | refs.Resolved, path: str | bytes) -> Node | None:
-        """One path at REF, without replaying the whole chain."""
-        p = parse_path(path)
-        with self.store.read():
-            r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
-            return View().replay(self._closure_events(r, p)).get(p)
 
     def cat(self, ref: str, path: str | bytes) -> Iterator[bytes]:
         """The bytes of a regular file at REF, chunk by chunk."""
         p = parse_path(path)
         with self.store.read():
             r = refs.resolve(self.store, ref)
-            node = View().replay(self._closure_events(r, p)).get(p)
+            node = View().replay(self.closure_events(r, p)).get(p)
             if node is None:
                 raise NotFound(f"{show_path(p)}: no such file at {ref}")
             if node.type == "d":
@@ -195,13 +126,13 @@ class LayerDB:
         """None once REF and top are checked, then every entry below top (not top
         itself; a non-directory: that entry), in tree order, streamed.  One read
         transaction from the resolution to the last row."""
-        from .export import TreeEntries, within
+        from .tree import TreeEntries, within
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
             chain_ids = {li.position: li.chain_id for li in r.layers}
             if top:
-                node = View().replay(self._closure_events(r, top)).get(top)
+                node = View().replay(self.closure_events(r, top)).get(top)
                 if node is None:
                     raise NotFound(f"{show_path(top)}: no such file or directory at {ref}")
                 if node.type != "d":
@@ -222,7 +153,8 @@ class LayerDB:
     def export_tar(self, ref: str, out: BinaryIO, progress: Callable[[int, int], None] | None = None) -> int:
         """The view at REF as a tar, in tree order (engine/export.py).  An image's
         view replays partition by partition when large: memory stays flat."""
-        from .export import TreeEntries, write_tar
+        from .tree import TreeEntries
+        from .output.export import write_tar
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
@@ -232,7 +164,8 @@ class LayerDB:
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
         """The view at REF into a new directory DIR, in tree order, replayed in
         partitions when large (as export_tar)."""
-        from .export import TreeEntries, refuse_specials, write_dir_entries
+        from .tree import TreeEntries
+        from .output.export import refuse_specials, write_dir_entries
 
         with self.store.read():
             r = refs.resolve(self.store, ref)
@@ -243,7 +176,7 @@ class LayerDB:
 
     def layer_tar(self, diff_id: str) -> Iterator[bytes]:
         """The original tar of a stored diff, byte for byte, as a stream."""
-        from .lossless import iter_layer_tar
+        from .output.lossless import iter_layer_tar
 
         with self.store.read():
             rowid = self.store.scalar("SELECT id FROM diff WHERE diff_id = ?", (diff_id,))
@@ -253,69 +186,68 @@ class LayerDB:
 
     # Audit ------------------------------------------------------------------
 
-    def default_image(self) -> str:
-        rows = self.store.execute("SELECT digest FROM image LIMIT 2").fetchall()
-        if len(rows) == 1:
-            return rows[0][0]
-        if not rows:
-            raise NotFound("the store holds no images (see `layerdb import`)")
-        raise UsageError("the store holds several images: say which with --image")
-
     def log(self, path: str | bytes, image: str | None = None, all_images: bool = False,
             patch: bool = False) -> list[dict]:
-        """Every change to `path` along the image's chain, oldest first.
+        """Every change to `path` along the image's chain, oldest first (audit/timeline.py)."""
+        from .audit import timeline
 
-        Deletions that do not name the path (a whiteout or replacement of an
-        ancestor, an opaque directory above it) are reported with `via`.
-        Each row's `version` numbers it in its image's timeline (1 = oldest).
-        all_images: one timeline per image whose chain touches the path.
-        patch: each row gets a git-style `patch` from the previous version.
-        """
-        p = parse_path(path)
-        if not p:
-            raise UsageError("log needs a path below /")
-        if all_images and image:
-            raise UsageError("give either --image or --all, not both")
-        with self.store.read():
-            if all_images:
-                from . import audit
+        return timeline.log(self, path, image, all_images, patch)
 
-                rows = audit.log_all(self, p)
-                if not rows:
-                    raise NotFound(f"{show_path(p)}: no stored image ever held this path")
-            else:
-                r = refs.resolve(self.store, image or self.default_image())
-                created_by = self.created_by(r)
-                chain_ids = {li.position: li.chain_id for li in r.layers}
-                events = self._closure_events(r, p)
-                rows = _timeline(p, events, r, created_by, chain_ids)
-                if not rows:
-                    raise NotFound(f"{show_path(p)}: no event in the chain of {image or r.label()} ever touched this path")
-                for i, row in enumerate(rows, 1):
-                    row["version"] = i
-            if patch:
-                from . import audit
+    def diff(self, ref1: str, ref2: str) -> Iterator[dict]:
+        """A/C/D rows from the view at ref1 to the view at ref2, streamed in tree order."""
+        from .audit.diffs import iter_diff
 
-                audit.add_patches(self, p, rows)
-        return rows
+        return iter_diff(self, ref1, ref2)
+
+    def diff_stat(self, rows) -> dict:
+        from .audit.diffs import diff_stat
+
+        return diff_stat(rows)
+
+    def changes(self, ref: str) -> Iterator[dict]:
+        """Each layer's change set (history --changes), newest layer first, streamed."""
+        from .audit.diffs import iter_changes
+
+        return iter_changes(self, ref)
+
+    def find(self, name=None, path=None, sha256=None, visible_only: bool = False) -> list[dict]:
+        from .audit.search import find
+
+        return find(self, name=name, path=path, sha256=sha256, visible_only=visible_only)
+
+    def waste(self, ref: str) -> dict:
+        from .audit.wasted import waste
+
+        return waste(self, ref)
+
+    def waste_failures(self, report: dict, lowest_efficiency, highest_wasted_bytes, highest_user_wasted_percent):
+        from .audit.wasted import waste_failures
+
+        return waste_failures(report, lowest_efficiency, highest_wasted_bytes, highest_user_wasted_percent)
+
+    def version_contents(self, path: str | bytes, version: int, image: str | None = None) -> Iterator[bytes]:
+        """The bytes of version N of a path (as `log` numbers them)."""
+        from .audit.timeline import version_contents
+
+        return version_contents(self, path, version, image)
 
     # Save, verify, measure ------------------------------------------------------
 
     def save(self, images: list[str], out: BinaryIO, fmt: str = "docker") -> list[dict]:
         """Write images as one docker-save ("docker") or OCI layout ("oci") tar to out."""
-        from .save import save
+        from .output.save import save
 
         with self.store.read():
             return save(self.store, self.content, images, out, fmt)
 
     def fsck(self, deep: bool = False):
         """A checker: iterate its findings(); its counts say what was checked."""
-        from .fsck import Fsck
+        from .upkeep.fsck import Fsck
 
         return Fsck(self.store, self.content, deep)
 
     def stats(self) -> dict:
-        from .stats import stats
+        from .upkeep.stats import stats
 
         return stats(self.store, self.content)
 
@@ -323,13 +255,13 @@ class LayerDB:
 
     def remove(self, names: list[str]):
         """Remove images (or single tags of images with several), all or none."""
-        from .maint import remove
+        from .upkeep.maint import remove
 
         return remove(self.store, names)
 
     def gc(self):
         """Delete what no image references, then shrink the file."""
-        from .maint import collect
+        from .upkeep.maint import collect
 
         return collect(self.store, self.chunks)
 
@@ -339,33 +271,34 @@ class LayerDB:
         """A handle on a container (cached: its view is kept and caught up, not
         replayed per call).  whole=True keeps the whole view even for a large
         image (container.WHOLE_EVENTS), as a FUSE mount needs."""
-        from .container import Container
+        from .containers.container import Container
 
         handles = self.__dict__.setdefault("_containers", {})
         h = Container(self.store, self.content, name, whole)
         return handles.setdefault((h.diff_rowid, h.whole), h)
 
     def container_create(self, image: str, name: str | None = None) -> dict:
-        from . import container
+        from .containers import container
 
         return container.create(self.store, image, name)
 
     def containers(self) -> list[dict]:
-        from . import container
+        from .containers import container
 
         return container.listing(self.store)
 
     def container_rm(self, name: str) -> dict:
-        from . import container
+        from .containers import container
 
         return container.remove(self.store, name)
 
     def container_diff(self, name: str) -> list[dict]:
         """`docker diff`: A/C/D from the container's image to the container."""
-        from . import audit, container
+        from .audit.diffs import diff
+        from .containers import container
 
         c = self.container(name)
-        return container.docker_changes(audit.diff(self, c.image_digest, c.diff_id))
+        return container.docker_changes(diff(self, c.image_digest, c.diff_id))
 
     def container_apply(self, name: str, directory: str) -> int:
         return self.container(name).apply_dir(directory)
@@ -415,94 +348,12 @@ class LayerDB:
 
     def mount(self, target: str, mountpoint: str, writable: bool) -> None:
         """Serve REF (read-only) or a container (writable) over FUSE until unmounted."""
-        from . import fusefs
+        from .containers import fusefs
 
         fusefs.mount(self, target, mountpoint, writable)
 
+    @staticmethod
+    def unmount(mountpoint: str) -> None:
+        from .containers import fusefs
 
-def node_dict(path: bytes, node: Node, chain_ids: dict[int, str]) -> dict:
-    d = {
-        "path": show_path(path),
-        "type": node.type,
-        "mode": "%04o" % (node.mode or 0),
-        "uid": node.uid,
-        "gid": node.gid,
-        "size": node.size if node.type == "f" else None,
-        "mtime": node.mtime,
-        "link": node.link.decode("utf-8", "surrogateescape") if node.link is not None else None,
-        "sha256": node.sha256.hex() if node.sha256 else None,
-        "layer_id": chain_ids.get(node.position),
-    }
-    if node.type in ("c", "b"):
-        d["rdev"] = f"{node.devmajor},{node.devminor}"
-    if node.xattrs:
-        import json
-
-        d["xattrs"] = json.loads(node.xattrs)
-    return d
-
-
-def _snapshot(node: Node | None):
-    if node is None:
-        return None
-    return (node.type, node.mode, node.uid, node.gid, node.mtime, node.size, node.sha256, node.link,
-            node.devmajor, node.devminor, node.xattrs)
-
-
-def _timeline(p: bytes, events: list[Event], r: refs.Resolved, created_by, chain_ids) -> list[dict]:
-    from .kinds import OPAQUE, PUT, WHITEOUT
-
-    view = View()
-    out = []
-    label = r.label()
-    i = 0
-    while i < len(events):
-        pos = events[i].position
-        layer_events = []
-        while i < len(events) and events[i].position == pos:
-            layer_events.append(events[i])
-            i += 1
-        before = _snapshot(view.get(p))
-        view.replay(layer_events)
-        node = view.get(p)
-        after = _snapshot(node)
-        touched = any(ev.path == p and ev.kind == PUT for ev in layer_events)
-        if before is None and after is None:
-            continue
-        if after is None:
-            via = "whiteout"
-            for ev in layer_events:
-                if ev.kind == WHITEOUT and ev.path == p:
-                    via = "whiteout"
-                    break
-                if ev.kind == OPAQUE and p.startswith(ev.path + b"/" if ev.path else b""):
-                    via = "opaque"
-                elif ev.kind == WHITEOUT and p.startswith(ev.path + b"/"):
-                    via = "parent-whiteout"
-                elif ev.kind == PUT and ev.type != "d" and p.startswith(ev.path + b"/"):
-                    via = "parent-replaced"
-            op = "delete"
-        elif before is None:
-            op, via = "add", None
-        elif touched or before != after:
-            op, via = "modify", None
-        else:
-            continue
-        row = {
-            "image": label,
-            "position": pos,
-            "layer_id": chain_ids.get(pos),
-            "op": op,
-            "via": via,
-            "type": node.type if node else None,
-            "mode": "%04o" % node.mode if node and node.mode is not None else None,
-            "uid": node.uid if node else None,
-            "gid": node.gid if node else None,
-            "size": node.size if node and node.type == "f" else None,
-            "sha256": node.sha256.hex() if node and node.sha256 else None,
-            "link": node.link.decode("utf-8", "surrogateescape") if node and node.link is not None else None,
-            "mtime": node.mtime if node else None,
-            "created_by": created_by.get(pos),
-        }
-        out.append(row)
-    return out
+        fusefs.unmount(mountpoint)

@@ -96,3 +96,75 @@ class CorruptStore(StoreError):
     """stored data fails its checksum"""
 
     exit_code = 6
+
+
+# Registries (engine/registry) ------------------------------------------------
+
+
+class RegistryError(LayerdbError):
+    """the registry request failed"""
+
+    exit_code = 7
+
+
+class RegistryUnreachable(RegistryError):
+    """the registry cannot be reached (unknown host, connection refused, timeout)"""
+
+
+class RegistryTLSError(RegistryError):
+    """the registry's TLS certificate or handshake was refused"""
+
+
+class RegistryAuthError(RegistryError):
+    """the registry refused the credentials (401 or 403)"""
+
+    exit_code = 8
+
+
+class RegistryRateLimited(RegistryError):
+    """the registry still answers 429 (too many requests) after the retries"""
+
+
+class RegistryNotFound(NotFound):
+    """the registry has no such repository, tag or digest"""
+
+
+class RegistryProtocolError(RegistryError):
+    """the registry answered something layerdb cannot use (media type, size, nesting)"""
+
+
+class DigestWouldChange(RegistryError):
+    """push would change a digest and --preserve-digests forbids it"""
+
+
+class BuildError(LayerdbError):
+    """the build failed"""
+
+    exit_code = 7
+
+
+class DockerfileError(BuildError):
+    """the Dockerfile is not valid"""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None):
+        self.file, self.line, self.reason = file, line, message
+        where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
+        super().__init__(where + message)
+
+    def at(self, file: str, line: int | None) -> "DockerfileError":
+        """The same error, placed in a file and line (when it has no place yet)."""
+        if self.file:
+            return self
+        return type(self)(self.reason, file, line)
+
+
+class ContextError(BuildError):
+    """a build source cannot be read from the context"""
+
+
+class StepFailed(BuildError):
+    """a build step failed"""
+
+    def __init__(self, message: str, step: str = "", exit_status: int | None = None, output: str = ""):
+        self.step, self.exit_status, self.output = step, exit_status, output
+        super().__init__(message)

@@ -104,7 +104,7 @@ def resolve(store: Store, ref: str) -> Resolved:
         layers = chain_of(store, top) if top is not None else []
         layers.append(LayerInfo(len(layers) + 1, None, diff_id, diff_rowid, diff_id))
         res = Resolved(ref, layers, rowid, digest, image_tags(store, rowid), container=name)
-    elif (image := _find_image(store, base)) is not None:
+    elif (image := find_image(store, base)) is not None:
         rowid, digest, top = image
         layers = chain_of(store, top) if top is not None else []
         res = Resolved(ref, layers, rowid, digest, image_tags(store, rowid))
@@ -158,7 +158,7 @@ def find_container(store: Store, name: str):
 def _check_unique(store: Store, name: str, ctr) -> None:
     """A container name or id that also names an image or a layer is ambiguous."""
     try:
-        other = _find_image(store, name) is not None or _find_layer(store, name) is not None
+        other = find_image(store, name) is not None or _find_layer(store, name) is not None
     except AmbiguousRef:
         other = True
     if other:
@@ -166,7 +166,7 @@ def _check_unique(store: Store, name: str, ctr) -> None:
                            " use the image's NAME:TAG or the container's full id")
 
 
-def _find_image(store: Store, name: str):
+def find_image(store: Store, name: str):
     exact = store.one(
         "SELECT i.id, i.digest, i.top_layer FROM tag t JOIN image i ON i.id = t.image_id WHERE t.name = ?",
         (normalize_tag(name),),

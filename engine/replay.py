@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from .paths import parent
 from .kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
 
 
@@ -176,7 +177,7 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
                         pending.append(pid)
                 if not q:
                     break
-                q = _parent(q)
+                q = parent(q)
         todo = []
         for i in range(0, len(pending), _BATCH):
             ids = pending[i : i + _BATCH]
@@ -316,11 +317,6 @@ def decided_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
     return out
 
 
-def _parent(path: bytes) -> bytes:
-    i = path.rfind(b"/")
-    return path[:i] if i >= 0 else b""
-
-
 def tree_key(path: bytes) -> bytes:
     """The export order (GNU tar --sort=name): depth first, a directory before
     its children, siblings by raw bytes.  '/' becomes NUL, which sorts below
@@ -353,7 +349,7 @@ class View:
             if kids:
                 stack.extend(kids)
         if path:
-            sib = self.children.get(_parent(path))
+            sib = self.children.get(parent(path))
             if sib is not None:
                 sib.discard(path)
 
@@ -365,14 +361,14 @@ class View:
         if node.type == "d" and path not in self.children:
             self.children[path] = set()
         if path:
-            self.children[_parent(path)].add(path)
+            self.children[parent(path)].add(path)
 
     def _mkdirs(self, path: bytes, position: int) -> None:
         """Make every ancestor of path a directory (mkdir -p)."""
         missing = []
         p = path
         while p:
-            p = _parent(p)
+            p = parent(p)
             n = self.nodes.get(p)
             if n is not None and n.type == "d":
                 break

@@ -83,7 +83,7 @@ def load_json_lines(text: str) -> list[dict]:
 def replaying(m: pytest.MonkeyPatch, partition: int | None) -> None:
     """Within monkeypatch context m: replay views whole (partition None) or in
     partitions of that many paths (engine/export.py TreeEntries)."""
-    from layerdb.engine import export
+    from layerdb.engine import tree as export
 
     if partition is None:
         m.setattr(export, "WHOLE_EVENTS", 1 << 62)

@@ -330,17 +330,18 @@ def test_find_across_images_shares_the_base_layer(tmp_path):
 def test_find_lookups_use_indexes(db):
     """EXPLAIN QUERY PLAN of every lookup find, log --all and diff run: no full scan of a table."""
     from layerdb.engine import audit, replay
+    from layerdb.engine.audit import diffs as audit_diff, search as audit_find, timeline as audit_timeline
 
     db.import_archive(str(SAMPLE), tag="s:1")
     queries = [
-        (audit.FIND_BLOB, (b"\0" * 32, b"\xff" * 32)),
-        (audit.FIND_PUTS_ON.format("?,?"), (1, 2)),
-        (audit.FIND_LINKS_TO.format("?,?"), (1, 2)),
-        (audit.FIND_LAYERS, (1,)),
-        (audit.FIND_IMAGES_ABOVE, (1,)),
-        (audit.FIND_CREATED_BY, (1, 1)),
-        (audit.LOG_DIFFS, (1,)),
-        (audit.SCOPE_EVENTS, (1,)),
+        (audit_find.FIND_BLOB, (b"\0" * 32, b"\xff" * 32)),
+        (audit_find.FIND_PUTS_ON.format("?,?"), (1, 2)),
+        (audit_find.FIND_LINKS_TO.format("?,?"), (1, 2)),
+        (audit_find.FIND_LAYERS, (1,)),
+        (audit_find.FIND_IMAGES_ABOVE, (1,)),
+        (audit_find.FIND_CREATED_BY, (1, 1)),
+        (audit_timeline.LOG_DIFFS, (1,)),
+        (audit_diff.SCOPE_EVENTS, (1,)),
         (replay.PATH_ID, (b"etc",)),
         (replay.SUBTREE, (b"etc/", b"etc0")),
         (replay.EVENTS_IN.format("?,?", "e.diff_id IN (?,?)"), (1, 2, 1, 2)),
@@ -349,7 +350,7 @@ def test_find_lookups_use_indexes(db):
     for name, path in (("libssl.so*", None), (None, "/usr/lib/*"), ("lib*", "/usr/*"), ("x", None),
                        ("libssl.so*", "*/lib/*")):
         queries.append(audit.find_path_query(name, path))
-    sql, args = audit.FIND_BLOB, (b"\0" * 32, b"\xff" * 32)
+    sql, args = audit_find.FIND_BLOB, (b"\0" * 32, b"\xff" * 32)
     where, extra = audit.path_filter("lib*", "/usr/*", "p.")
     queries.append((f"{sql} AND {where}", args + extra))
     for sql, args in queries:

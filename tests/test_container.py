@@ -34,7 +34,8 @@ def container_view(request, monkeypatch):
     and with the partial view of a large image's container (each operation
     loads the paths it reads; views export in partitions of two paths)."""
     if request.param == "partial":
-        from layerdb.engine import container, export
+        from layerdb.engine import tree as export
+        from layerdb.engine.containers import container
 
         monkeypatch.setattr(container, "WHOLE_EVENTS", -1)
         monkeypatch.setattr(export, "WHOLE_EVENTS", 0)
@@ -478,7 +479,7 @@ def test_partial_view_holds_what_the_operations_touch(db, tmp_path, container_vi
     from hostile.make_hostile import entry
     from test_export_memory import _stacked
 
-    from layerdb.engine import container
+    from layerdb.engine.containers import container
     from layerdb.engine.errors import PathError
 
     arch = _stacked(tmp_path, ("base", [entry(f"d{i % 7}/s{i % 3}/f{i}", b"%d\n" % i) for i in range(1500)]),
@@ -565,7 +566,7 @@ def test_paths_follow_symlinks_like_a_chroot(sample):
     sample.write_file("c", "/bin/app", b"#!/bin/sh\n")  # bin/app -> /app/run.sh: written through, mode kept
     node = sample.lookup("c", "/app/run.sh")
     assert (node.size, node.mode) == (10, 0o755) and sample.lookup("c", "/bin/app").type == "l"
-    from layerdb.engine.container import NoSuchPath, PathError
+    from layerdb.engine.containers.container import NoSuchPath, PathError
 
     with pytest.raises(NoSuchPath):
         sample.write_file("c", "/nope/f", b"")

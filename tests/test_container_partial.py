@@ -74,7 +74,7 @@ def _apply(c, o) -> tuple:
 @given(ops=st.lists(op, min_size=1, max_size=10))
 def test_partial_view_acts_as_the_whole_view(tmp_path_factory, ops):
     from layerdb.engine.api import LayerDB
-    from layerdb.engine.container import Container
+    from layerdb.engine.containers.container import Container
 
     db = LayerDB(tmp_path_factory.mktemp("partial") / "store.sqlite")
     try:

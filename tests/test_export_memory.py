@@ -18,7 +18,7 @@ import tarfile
 import pytest
 
 from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, fixture_archives, replaying
-from layerdb.engine import export
+from layerdb.engine import tree as export
 from layerdb.engine.errors import LayerdbError
 
 D, H, L = tarfile.DIRTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE

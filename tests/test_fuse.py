@@ -48,7 +48,7 @@ MOUNT_WAIT = 60.0  # a deadline for the mount to appear, not a timing assertion
 
 
 def _is_mounted(mnt: Path) -> bool:
-    from layerdb.engine.fusefs import is_mounted
+    from layerdb.engine.containers.fusefs import is_mounted
 
     return is_mounted(str(mnt))
 

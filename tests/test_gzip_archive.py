@@ -28,7 +28,7 @@ import pytest
 
 from conftest import (REPO_FIXTURES, SHARED_FIXTURES, export_bytes, manifest_of_tar_bytes, oracle_lines,
                       oracle_positions, run_cli)
-from layerdb.engine import archive as archive_mod
+from layerdb.engine.ingest import archive as archive_mod
 from layerdb.engine.errors import LayerdbError
 
 sys.path.insert(0, str(Path(__file__).parent))

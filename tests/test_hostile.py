@@ -270,7 +270,7 @@ def test_export_dir_symlink_to_etc_then_a_file_below_it(store, tmp_path):
 
 def test_export_dir_never_follows_a_symlink_even_in_an_impossible_view(tmp_path):
     """Defence in depth: a view no replay produces (a file below a symlink) cannot escape either."""
-    from layerdb.engine.export import write_dir
+    from layerdb.engine.output.export import write_dir
     from layerdb.engine.replay import Node, View
 
     outside = tmp_path / "outside"

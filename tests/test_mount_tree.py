@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO_FIXTURES, SHARED_FIXTURES, fixture_archives
 from layerdb.engine import refs
-from layerdb.engine.container import names_by_node
-from layerdb.engine.fusefs import ImageTree
+from layerdb.engine.containers.container import names_by_node
+from layerdb.engine.containers.fusefs import ImageTree
 from layerdb.engine.replay import View, chain_events
 
 FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "blob_id", "sha256", "link", "devmajor", "devminor", "xattrs")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REPO_FIXTURES, export_bytes, manifest_of_tar_bytes, oracle_lines, oracle_positions, run_cli
-from layerdb.engine.archive import machine_platform
+from layerdb.engine.ingest.archive import machine_platform
 from layerdb.engine.errors import ArchiveError
 
 MULTI = REPO_FIXTURES / "multiplatform" / "multi.oci.tar"

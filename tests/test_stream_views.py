@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, fixture_archives, load_json_lines, replaying, run_cli
-from layerdb.engine import audit, export, refs
+from layerdb.engine import audit, refs, tree
+from layerdb.engine.audit import common as audit_common, diffs as audit_diff
 from layerdb.engine.api import node_dict
 from layerdb.engine.errors import NotFound
 from layerdb.engine.replay import View, chain_events, tree_key
@@ -79,9 +80,9 @@ def _want_diff(db, a: str, b: str) -> list[dict]:
     rows = []
     for p in sorted(va.nodes.keys() | vb.nodes.keys(), key=tree_key):
         if p:
-            c = audit.classify(audit.state(va.get(p)), audit.state(vb.get(p)))
+            c = audit.classify(audit_common.state(va.get(p)), audit_common.state(vb.get(p)))
             if c is not None:
-                rows.append(audit._change_row(p, va.get(p), vb.get(p), c))
+                rows.append(audit_diff.change_row(p, va.get(p), vb.get(p), c))
     return rows
 
 
@@ -119,7 +120,7 @@ def _check_diff(db, a: str, b: str, monkeypatch) -> None:
             assert audit.diff(db, a, b, restrict=False) == want, (a, b, mode)
             assert list(audit.iter_diff(db, a, b)) == want, (a, b, mode)
     with monkeypatch.context() as m:  # the restricted replay is bounded: beyond it, the streams
-        m.setattr(audit, "RESTRICTED_PATHS", 0)
+        m.setattr(audit_diff, "RESTRICTED_PATHS", 0)
         replaying(m, 2)
         assert audit.diff(db, a, b) == want, (a, b, "unrestricted")
 
@@ -204,8 +205,8 @@ def test_streams_hold_a_bounded_view(db, tmp_path, monkeypatch):
     want_rows = _want_listing(db, "t:1", b"")
     want_diff = _want_diff(db, "t:1~1", "t:1")
     replaying(monkeypatch, 100)
-    sizes = count_replays(monkeypatch, export)
-    monkeypatch.setattr(audit, "RESTRICTED_PATHS", 0)
+    sizes = count_replays(monkeypatch, tree)
+    monkeypatch.setattr(audit_diff, "RESTRICTED_PATHS", 0)
     assert db.listing("t:1", "/", recursive=True) == want_rows
     assert max(sizes) <= 110
     sizes.clear()

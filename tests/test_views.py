@@ -85,7 +85,7 @@ def test_export_dir_refuses_non_empty_target(db, tmp_path):
 def test_export_rereads_packs_it_had_to_drop(db, tmp_path, monkeypatch):
     """With no room to keep decoded packs, every later file of a pack is read again
     from the store; the export is still exactly the oracle's view."""
-    from layerdb.engine import export
+    from layerdb.engine.output import export
 
     monkeypatch.setattr(export, "HELD_BYTES", 0)
     archive = REPO_FIXTURES / "images" / "sample.oci.tar"

@@ -26,11 +26,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from .content import ContentStore
-from .errors import CorruptStore
-from .kinds import IGNORED, IMPLIED
-from .save import LayerRef, checked_layer
-from .store import Store
+from ..content import ContentStore
+from ..errors import CorruptStore
+from ..kinds import IGNORED, IMPLIED
+from ..output.save import LayerRef, checked_layer
+from ..store import Store
 
 
 @dataclass

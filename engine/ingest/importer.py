@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 
-from .refs import normalize_tag
-from .kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
-from .log import get_logger
+from ..paths import ancestors, parent as parent_of
+from ..refs import normalize_tag
+from ..kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
+from ..log import get_logger
 from .archive import Archive, ImageSource, LayerSource, LayerStream
-from .content import ContentStore
-from .errors import LayerFormatError, UsageError
-from .store import Store
+from ..content import ContentStore
+from ..errors import LayerFormatError, UsageError
+from ..store import Store
 from .tarstream import TarReader
 
 log = get_logger("layerdb.import")
@@ -58,20 +59,6 @@ def normalize(name: bytes) -> bytes:
         raise LayerFormatError(f"tar entry path has {len(parts)} components (limit {MAX_DEPTH})")
     return b"/".join(parts)
 
-
-def _parent(path: bytes) -> bytes:
-    i = path.rfind(b"/")
-    return path[:i] if i >= 0 else b""
-
-
-def _ancestors(path: bytes):
-    """Proper ancestors, nearest first, without the root."""
-    while True:
-        i = path.rfind(b"/")
-        if i < 0:
-            return
-        path = path[:i]
-        yield path
 
 
 def encode_framing_record(b: bytes) -> bytes:
@@ -288,7 +275,7 @@ class Importer:
                 file_bytes += e.size
             aufs = WH + WH in path and any(p.startswith(WH + WH) for p in path.split(b"/")[:-1])
             if base.startswith(WH) or aufs:
-                parent = _parent(path)
+                parent = parent_of(path)
                 if base == OPQ and not aufs:
                     kind, target = OPAQUE, parent
                 elif base.startswith(WH + WH) or aufs:
@@ -300,7 +287,7 @@ class Importer:
                     if not name:
                         raise LayerFormatError(f"whiteout entry with an empty name: {e.name!r}")
                     kind, target = WHITEOUT, (parent + b"/" + name if parent else name)
-                needed.update(_ancestors(path))
+                needed.update(ancestors(path))
                 rows.append(
                     (diff_rowid, kind, seq, self._pid(target), e.type, e.mode, e.uid, e.gid, e.mtime,
                      e.size if e.type == "f" else None, blob_id, None, None, None, None, None)
@@ -311,7 +298,7 @@ class Importer:
                         raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
                 if e.type == "d":
                     named_dirs.add(path)
-                needed.update(_ancestors(path))
+                needed.update(ancestors(path))
                 target_id = link = None
                 if e.type == "h":
                     tpath = normalize(e.linkname)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from typing import Iterator
 
-from .content import ContentStore
-from .errors import CorruptStore
+from ..content import ContentStore
+from ..errors import CorruptStore
 
 
 class _Records:

@@ -1,4 +1,4 @@
-"""Audit commands: diff, find, waste (log and history --changes live in main.py)."""
+"""Audit commands: log, diff, find, waste (and the rendering of history --changes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable
 import click
 
 from . import render
-from .main import cli, json_option, open_db
+from .base import cli, json_option, open_db
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
 
@@ -59,11 +59,10 @@ def diff_cmd(ctx, ref1, ref2, as_json, stat):
     order (a directory, then everything below it; siblings by raw bytes),
     streamed: memory stays flat however many files the images hold.
     """
-    from layerdb.engine import audit
 
-    rows = audit.iter_diff(open_db(ctx), ref1, ref2)
+    rows = (db := open_db(ctx)).diff(ref1, ref2)
     if stat:
-        s = audit.diff_stat(rows)
+        s = db.diff_stat(rows)
         if as_json:
             render.json_line(s)
         else:
@@ -90,9 +89,8 @@ def find(ctx, name, path, sha256, visible, as_json):
     Without --visible the list includes files deleted or overwritten later: their
     bytes still ship in the image.
     """
-    from layerdb.engine import audit
 
-    rows = audit.find(open_db(ctx), name=name, path=path, sha256=sha256, visible_only=visible)
+    rows = open_db(ctx).find(name=name, path=path, sha256=sha256, visible_only=visible)
     if as_json:
         return json_rows(rows)
     table = []
@@ -124,7 +122,6 @@ def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, high
     bytes are the file bytes of every layer but the first (the base image's);
     the user wasted percent is wasted bytes / user bytes, as a fraction (dive's).
     """
-    from layerdb.engine import audit
     from layerdb.engine.errors import UsageError, WasteCheckFailed
 
     if not ci and (lowest_efficiency is not None or highest_wasted_bytes is not None
@@ -133,8 +130,9 @@ def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, high
     highest = parse_size(highest_wasted_bytes) if highest_wasted_bytes is not None else None
     lowest = lowest_efficiency if lowest_efficiency is not None else 0.9
     user_share = highest_user_wasted_percent if highest_user_wasted_percent is not None else 0.1
-    report = audit.waste(open_db(ctx), image)
-    failures = audit.waste_failures(report, lowest, highest, user_share) if ci else []
+    db = open_db(ctx)
+    report = db.waste(image)
+    failures = db.waste_failures(report, lowest, highest, user_share) if ci else []
     if as_json:
         render.json_line(report)
     else:
@@ -210,3 +208,32 @@ def render_changes(rows: Iterable[dict], as_json: bool, no_trunc: bool) -> None:
                        f"{cb if no_trunc else render.trunc(cb, 60)}\n")
             last = r["position"]
         write_text("  " + change_line(r) + "\n")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--image", metavar="IMAGE", help="The image whose chain to audit (default: the only image).")
+@click.option("--all", "all_images", is_flag=True, help="Every stored image whose layers hold or touched PATH.")
+@click.option("-p", "--patch", is_flag=True, help="A unified diff of the contents between consecutive versions.")
+@click.option("--at-version", type=int, metavar="N", help="Write version N's contents (N as in the # column) to stdout.")
+@json_option
+@click.pass_context
+def log(ctx, path, image, all_images, patch, at_version, as_json):
+    """Every change to PATH along an image's chain, oldest first."""
+    db = open_db(ctx)
+    if at_version is not None:
+        from layerdb.engine.errors import UsageError
+
+        if all_images or patch or as_json:
+            raise UsageError("--at-version goes with --image only")
+        for chunk in db.version_contents(path, at_version, image):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        return
+    rows = db.log(path, image=image, all_images=all_images, patch=patch)
+    if as_json:
+        json_rows(rows)
+    elif patch:
+        render_patches(rows)
+    else:
+        render_log(rows, all_images)

@@ -33,9 +33,9 @@ import tempfile
 from typing import Callable
 
 from .container import TYPE_BITS, TYPE_OF_BITS, Container, join, names_by_node, parent
-from .errors import LayerdbError, NotFound, UsageError
-from .log import get_logger
-from .replay import Node, View, below, decided_events, tree_key
+from ..errors import LayerdbError, NotFound, UsageError
+from ..log import get_logger
+from ..replay import Node, View, below, decided_events, tree_key
 
 try:
     import pyfuse3
@@ -232,7 +232,7 @@ class ImageTree:
     def totals(self) -> tuple[int, int]:
         """(bytes of regular files, entries), counted once, streamed (export.TreeEntries)."""
         if self._totals is None:
-            from .export import TreeEntries
+            from ..tree import TreeEntries
 
             used = files = 0
             with self.store.read(), TreeEntries(self.store, self.chain, temp="layerdb_mount") as t:

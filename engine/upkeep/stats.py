@@ -21,10 +21,10 @@ chunks take.  That reads each pack holding a framing once.
 
 from __future__ import annotations
 
-from .chunks import encode
-from .content import ContentStore
-from .kinds import IGNORED
-from .store import Store
+from ..chunks import encode
+from ..content import ContentStore
+from ..kinds import IGNORED
+from ..store import Store
 
 # Each image's chain, from its top layer down; UNION stops at a (damaged) cycle.
 _IMAGE_LAYERS = """WITH RECURSIVE c(img, lid) AS (

@@ -22,11 +22,11 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 
-from . import refs
-from .chunks import ChunkStore
-from .errors import NotFound, UsageError
-from .log import get_logger
-from .store import BUSY_TIMEOUT_MS, Store
+from .. import refs
+from ..chunks import ChunkStore
+from ..errors import NotFound, UsageError
+from ..log import get_logger
+from ..store import BUSY_TIMEOUT_MS, Store
 
 log = get_logger("layerdb.maint")
 
@@ -64,7 +64,7 @@ def _remove_one(store: Store, name: str) -> Removed:
     if not name or "~" in name:
         raise UsageError(f"rm {name!r}: expected an image name or id, not a layer REF")
     # refs' lookup knows tags, short names and id prefixes; a layer id is no image.
-    found = refs._find_image(store, name)
+    found = refs.find_image(store, name)
     if found is None:
         raise NotFound(f"no image matches {name!r} (see `layerdb images`)")
     rowid, digest, _ = found

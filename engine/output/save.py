@@ -21,11 +21,11 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
-from . import refs
-from .content import BlobReader, ContentStore
-from .errors import CorruptStore, UsageError
+from .. import refs
+from ..content import BlobReader, ContentStore
+from ..errors import CorruptStore, UsageError
 from .lossless import iter_layer_tar
-from .store import Store
+from ..store import Store
 
 DOCKER, OCI = "docker", "oci"
 FORMATS = (DOCKER, OCI)

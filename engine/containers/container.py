@@ -39,13 +39,13 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
-from . import refs
-from .content import ContentStore
-from .errors import NoSuchPath, NotFound, PathError, UsageError
-from .importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
-from .importer import _ancestors as ancestors, _parent as parent
-from .replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events, event_count
-from .store import Store
+from .. import refs
+from ..content import ContentStore
+from ..errors import NoSuchPath, NotFound, PathError, UsageError
+from ..ingest.importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
+from ..paths import ancestors, join, parent
+from ..replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events, event_count
+from ..store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_SYMLINKS = 40  # as Linux: more links in one path is ELOOP
@@ -76,12 +76,6 @@ def show(path: bytes) -> str:
 def split(path: str | bytes) -> list[bytes]:
     raw = path if isinstance(path, bytes) else os.fsencode(path)
     return [p for p in raw.split(b"/") if p and p != b"."]
-
-
-def join(base: bytes, name: bytes) -> bytes:
-    if not name:
-        return base
-    return base + b"/" + name if base else name
 
 
 def names_by_node(view: View) -> dict[int, list[bytes]]:
@@ -793,7 +787,8 @@ class Container:
     def copy_out(self, path: str | bytes, target: str, allow_devices: bool = False) -> str:
         """`docker cp CONTAINER:PATH TARGET`: a file, a symlink, or a directory tree
         (holding fifos or device files only with allow_devices, as `export --dir`)."""
-        from .export import TreeEntries, refuse_specials, subtree_batches, write_dir, write_dir_entries
+        from ..tree import TreeEntries, subtree_batches
+        from ..output.export import refuse_specials, write_dir, write_dir_entries
 
         self.refresh()
         p, node = self._existing(path, follow=False)
@@ -1034,7 +1029,7 @@ def plan_layer(lower: View, upper: View, removed: dict[bytes, int]) -> list[Entr
     Every parent of an entry is in the tar too, and all names of a hard-linked
     file go together (the first as the file, the others as links to it).
     """
-    from .audit import state
+    from ..audit.common import state
 
     lower_links = names_by_node(lower)
     upper_links = names_by_node(upper)

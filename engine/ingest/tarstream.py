@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from .errors import LayerFormatError
+from ..errors import LayerFormatError
 
 BLOCK = 512
 READ_SIZE = 1 << 20

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from .errors import ArchiveError, DigestMismatch, LayerFormatError
+from ..errors import ArchiveError, DigestMismatch, LayerFormatError
 
 READ_SIZE = 1 << 20
 # Manifests, indexes and configs are JSON read into memory: bound them.

@@ -1,0 +1,142 @@
+"""What every command module shares: the `layerdb` group, its error handling, the
+shared options, opening the store, and progress bars.
+
+Engine modules are imported inside the commands so that `layerdb --help` and
+small commands start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+
+
+class LayerdbGroup(click.Group):
+    """Turns engine errors into one line on stderr and their exit code."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # Usage errors too are one line (click would print the usage block).
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if not standalone:
+                raise
+            click.echo(f"layerdb: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            if not standalone:
+                raise
+            click.echo("layerdb: aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        if standalone:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # A bare `layerdb` is a request for help, as with podman and docker: not an error.
+        if not args:
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from layerdb.engine.errors import LayerdbError
+
+        try:
+            return super().invoke(ctx)
+        except LayerdbError as e:
+            click.echo(f"layerdb: error: {' '.join(e.message.split())}", err=True)
+            ctx.exit(e.exit_code)
+        except BrokenPipeError:
+            # `layerdb cat ... | head`: the reader left; that is not an error.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(0)
+
+
+def _configure_logging(fmt: str, verbose: int) -> None:
+    from layerdb.engine import log
+
+    level = log.WARNING - 10 * min(verbose, 2)
+
+    def setup() -> None:  # runs on the first log event that passes the level
+        import structlog
+
+        renderer: Any
+        if fmt == "json":
+            renderer = structlog.processors.JSONRenderer()
+        else:
+            renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+
+    log.configure(level, setup)
+
+
+@click.group(cls=LayerdbGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db", type=click.Path(dir_okay=False), envvar="LAYERDB_DB",
+              help="Store file. Default: $LAYERDB_DB, else $XDG_DATA_HOME/layerdb/layerdb.sqlite.")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True,
+              help="Format of log lines on stderr.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="layerdb", prog_name="layerdb")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, log_format: str, verbose: int) -> None:
+    """layerdb: an event-sourced store for container images.
+
+    Import `docker save` and OCI archives, then browse any layer's file tree,
+    audit a path's history across layers, and export views.
+    """
+    _configure_logging(log_format, verbose)
+    # Paths are bytes; names that are not UTF-8 go out as the bytes they are (like ls).
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    ctx.obj = {"db": db}
+
+
+def open_db(ctx: click.Context):
+    from layerdb.engine.api import LayerDB
+
+    db = LayerDB(ctx.obj["db"])
+    ctx.call_on_close(db.close)
+    return db
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+at_option = click.option("--at", "ref", required=True, metavar="REF",
+                         help="NAME[:TAG], image id, or layer id (prefix), optionally ~N layers down.")
+
+
+def progress(label: str, unit: str = "bytes") -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    """A progress bar on stderr when it is a terminal (rich, imported only then)."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+    except ImportError:
+        return None, lambda: None
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+    p = Progress(TextColumn("{task.description}"), BarColumn(), count, transient=True, console=Console(stderr=True))
+    p.start()
+    task = p.add_task(label, total=None)
+
+    def update(kind: str, done: int, total: int) -> None:
+        p.update(task, description=f"{label} {kind}", completed=done, total=total or None)
+
+    return update, p.stop
