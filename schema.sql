@@ -1,5 +1,8 @@
--- layerdb schema, version 1.  This file is the only place the schema lives;
+-- layerdb schema, version 3.  This file is the only place the schema lives;
 -- engine/store.py runs it on an empty database and sets PRAGMA user_version.
+-- A section that starts with a '-- @version N' line was added in version N:
+-- store.py migrates an older store in place by running the sections above
+-- its version, in one transaction.
 --
 -- Shape of the data:
 --   chunk   <- blob_chunk -> blob       content, addressed by sha256, zstd chunks
@@ -166,3 +169,61 @@ CREATE TABLE container (
     created     TEXT NOT NULL
 );
 CREATE INDEX container_by_image ON container(image_id);
+
+-- @version 2: registries ---------------------------------------------------------
+-- What a pull saw, so that a push can send it back unchanged (engine/registry/records.py).
+-- A store of version 1 gets this section when it is opened (engine/store.py).
+
+-- Manifest and index bytes exactly as pulled (or pushed); image_id is NULL for an index.
+CREATE TABLE manifest (
+    id          INTEGER PRIMARY KEY,
+    digest      TEXT NOT NULL UNIQUE,   -- 'sha256:<hex>' of data
+    media_type  TEXT NOT NULL,
+    data        BLOB NOT NULL,
+    image_id    INTEGER REFERENCES image(id) ON DELETE CASCADE,
+    added       TEXT NOT NULL           -- ISO 8601 UTC
+);
+CREATE INDEX manifest_by_image ON manifest(image_id);
+
+-- The image manifests of an index that were stored.
+CREATE TABLE manifest_child (
+    index_id    INTEGER NOT NULL REFERENCES manifest(id) ON DELETE CASCADE,
+    child_id    INTEGER NOT NULL REFERENCES manifest(id) ON DELETE CASCADE,
+    PRIMARY KEY (index_id, child_id)
+) WITHOUT ROWID;
+CREATE INDEX manifest_child_by_child ON manifest_child(child_id);
+
+-- A manifest's layer descriptors, in manifest order, beside the diff each one holds.
+CREATE TABLE manifest_layer (
+    manifest_id INTEGER NOT NULL REFERENCES manifest(id) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,       -- 0 = bottom
+    digest      TEXT NOT NULL,          -- the compressed blob's digest
+    media_type  TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    annotations TEXT,                   -- JSON object, NULL when none
+    diff_id     TEXT NOT NULL,          -- diff.diff_id of its uncompressed tar
+    PRIMARY KEY (manifest_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX manifest_layer_by_diff ON manifest_layer(diff_id);
+
+-- Where a blob or manifest digest was seen: push mounts from there.
+CREATE TABLE seen (
+    digest      TEXT NOT NULL,
+    registry    TEXT NOT NULL,          -- host[:port], 'docker.io' for Docker Hub
+    repository  TEXT NOT NULL,
+    PRIMARY KEY (digest, registry, repository)
+) WITHOUT ROWID;
+
+-- @version 3: builds ------------------------------------------------------------------
+-- The layer cache of `layerdb build` (engine/build/builder.py): one row per step built.
+-- Rows are weak: gc may drop a layer only a cache row names, and that step then misses.
+CREATE TABLE build_cache (
+    key     TEXT PRIMARY KEY,   -- sha256 of the parent's key and this step's inputs
+    parent  TEXT NOT NULL,      -- the parent step's key
+    step    TEXT NOT NULL,      -- the instruction as written
+    inputs  TEXT NOT NULL,      -- JSON: what the key was made of (to explain a miss)
+    diff_id TEXT,               -- the layer a RUN/COPY/ADD made (NULL for the other steps)
+    created TEXT NOT NULL,      -- the history time, so that a cached rebuild is the same image
+    used    TEXT NOT NULL
+);
+CREATE INDEX build_cache_by_step ON build_cache(parent, step);

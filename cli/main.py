@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import audit_cmds, container_cmds, image_cmds, maint_cmds, store_cmds, view_cmds  # noqa: F401  register commands
+from . import (audit_cmds, build_cmds, container_cmds, explore_cmds, image_cmds, maint_cmds,  # noqa: F401  register commands
+               registry_cmds, store_cmds, view_cmds)
 from .base import cli
 
 __all__ = ["cli", "main"]

@@ -46,11 +46,38 @@ def _where(f: dict) -> str:
 
 
 @cli.command()
-@click.option("--deep", is_flag=True, help="Also rebuild every layer tar and check its sha256 against its diff_id.")
+@click.option("--deep", is_flag=True,
+              help="Also rebuild every layer tar, hash it, and compare each of its headers with its stored event;"
+                   " check containers' logs.")
 @json_option
 @click.pass_context
 def fsck(ctx, deep, as_json):
-    """Verify every hash, reference and layer chain; name the layers and images a problem breaks."""
+    """Verify every hash, reference and layer chain; name the layers and images a problem breaks.
+
+    \b
+    fsck: layer chains and chain ids, image configs against their digests and
+      diff_ids, tags, each diff's entry count and file bytes, every event's
+      diff, path, hard-link target and content row, and every content: each
+      chunk is decompressed and hashed, each file's bytes hashed where they
+      lie.  One read of the store: about 1 s of CPU for the bench's
+      Debian+python3 image (4 layers, 245 MiB, 10,000 entries), 1.3 s for one
+      of 200,000 small files.
+    fsck --deep: also rebuilds every layer tar from the store and hashes it
+      against its diff_id, and reads it as import does: each entry must be
+      its stored event, field by field (path, type, mode with the setuid,
+      setgid and sticky bits, uid, gid, mtime, size, symlink and hard-link
+      targets, device numbers, xattrs; whiteouts, opaque markers and implied
+      parents too), and no event may be one the tar does not hold.  A file
+      given another content of its size changes only the layer's sha256, so
+      that finding names the layer, not the file.  Containers have no tar:
+      their writes must be well formed and, replayed over their image, find
+      directories as parents and files as hard-link targets.  A second pass
+      that decompresses and parses everything: about 2 s of CPU in all for
+      Debian+python3, 7 s for 200,000 small files.
+
+    Exit code 6 when anything is wrong, each problem one line (or one JSON
+    object with --json) naming its diff, path, layers and images.
+    """
     from layerdb.engine.errors import CorruptStore
 
     db = open_db(ctx)
@@ -70,7 +97,10 @@ def fsck(ctx, deep, as_json):
             click.echo(f"{f['check']} {f['object']}: {f['problem']}" + (f"\n    {where}" if where else ""))
     c = check.counts
     checked = (f"{c['images']} images, {c['layers']} layers, {c['diffs']} diffs, {c['events']} events,"
-               f" {c['blobs']} contents, {c['chunks']} chunks" + (f", {c['layer_tars']} layer tars rebuilt" if deep else ""))
+               f" {c['blobs']} contents, {c['chunks']} chunks")
+    if deep:
+        checked += (f", {c['layer_tars']} layer tars rebuilt with {c['tar_entries']} tar entries compared to their"
+                    f" events, {c['container_logs']} container logs ({c['container_events']} events)")
     aufs = f"; {c['ignored']} AUFS bookkeeping entries kept, not applied" if c["ignored"] else ""
     if n:
         sys.stdout.flush()

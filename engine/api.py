@@ -265,6 +265,23 @@ class LayerDB(Reader):
 
         return collect(self.store, self.chunks)
 
+    # explore (engine/explore): the model behind `layerdb explore` ---------------------------
+
+    def explorer(self, ref: str):
+        """The explorer's model on REF: layers, details, the lazily listed tree,
+        history, diffs, file views, extraction, search and shared layers."""
+        from .explore import Explorer
+
+        return Explorer(self, ref)
+
+    def explorer_tree(self, explorer, t: int | None = None, aggregated: bool = False):
+        """The tree pane's state (engine/explore TreeState) on an explorer, at layer t (default: the top)."""
+        from .explore import TreeState
+
+        return TreeState(explorer, t or explorer.top, aggregated)
+
+    # explore: end -----------------------------------------------------------------------------
+
     # Containers (engine/container.py): every write is an event of the container's log ------
 
     def container(self, name: str, whole: bool | None = None):
@@ -357,3 +374,57 @@ class LayerDB(Reader):
         from .containers import fusefs
 
         fusefs.unmount(mountpoint)
+
+    # registries -------------------------------------------------------------
+
+    def pull(self, source: str, *, creds: str | None = None, authfile: str | None = None, tls_verify: bool = True,
+             cert_dir: str | None = None, platform: str | None = None, all_platforms: bool = False,
+             tags: list[str] | None = None, progress: Callable[[str, dict], None] | None = None):
+        """Fetch an image over the distribution API into the store (one transaction);
+        layers whose diff_id is stored are not downloaded.  Returns a registry.pull.PullResult."""
+        from .registry import auth as _auth, pull as _pull
+
+        opts = _auth.options(creds, authfile, tls_verify, cert_dir)
+        return _pull.pull(self.store, self.content, source, opts, platform=platform, all_platforms=all_platforms,
+                          tags=tags, progress=progress)
+
+    def push(self, image: str, dest: str | None = None, *, creds: str | None = None, authfile: str | None = None,
+             tls_verify: bool = True, cert_dir: str | None = None, fmt: str | None = None,
+             preserve_digests: bool = False, progress: Callable[[str, dict], None] | None = None):
+        """Upload an image; the original manifest when its blobs are there or mountable.
+        Returns a registry.push.PushResult."""
+        from .registry import auth as _auth, push as _push
+
+        opts = _auth.options(creds, authfile, tls_verify, cert_dir)
+        return _push.push(self.store, self.content, image, dest, opts, fmt=fmt, preserve_digests=preserve_digests,
+                          progress=progress)
+
+    @staticmethod
+    def login(registry: str, username: str, password: str, *, authfile: str | None = None, tls_verify: bool = True,
+              cert_dir: str | None = None) -> str:
+        """Check the credentials against the registry, then store them; returns where."""
+        from .registry import auth
+
+        return auth.login(registry, username, password, authfile=authfile, tls_verify=tls_verify, cert_dir=cert_dir)
+
+    @staticmethod
+    def logout(registry: str, *, authfile: str | None = None) -> list[str]:
+        """Remove the registry's credentials; returns the files changed."""
+        from .registry import auth
+
+        return auth.logout(registry, authfile=authfile)
+
+    # builds ------------------------------------------------------------------
+    # `layerdb build` (engine/build/): a Dockerfile to an image; RUN on kernel overlayfs.
+
+    def build(self, context: str, dockerfile: str | None = None, tags: list[str] | None = None,
+              build_args: dict[str, str] | None = None, target: str | None = None, no_cache: bool = False,
+              timestamp: int | None = None, network: str = "host", cache_dir: str | None = None,
+              progress: Callable[[str, str], None] | None = None):
+        """Build an image from a Dockerfile; returns a build.builder.BuildResult.
+        progress(kind, text) gets the step lines, cache decisions and RUN output."""
+        from .build.builder import BuildOptions, Builder
+
+        opts = BuildOptions(context, dockerfile, list(tags or []), dict(build_args or {}), target, no_cache,
+                            timestamp, network, cache_dir)
+        return Builder(self.store, self.content, opts, progress).build()

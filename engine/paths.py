@@ -36,15 +36,20 @@ def ancestors(path: bytes) -> Iterator[bytes]:
         yield path
 
 
-def ancestors_to_root(path: bytes) -> Iterator[bytes]:
-    """Proper ancestors of a path, nearest first, down to the root b''."""
-    while path:
-        i = path.rfind(b"/")
-        path = path[:i] if i >= 0 else b""
-        yield path
-
-
 def join(base: bytes, name: bytes) -> bytes:
     if not name:
         return base
     return base + b"/" + name if base else name
+
+
+def add_with_ancestors(path: bytes, into: set[bytes]) -> None:
+    """Add a path and its ancestors (the root b'' included) to a set that holds,
+    with each member, all of its ancestors: the walk up stops at the first one
+    there, so a deep tree costs a step per path, not one per component."""
+    q = path
+    while q not in into:
+        into.add(q)
+        if not q:
+            return
+        i = q.rfind(b"/")
+        q = q[:i] if i >= 0 else b""

@@ -115,6 +115,7 @@ def chain_events(conn, chain: list[tuple[int, int]]) -> Iterator[Event]:
 
 
 PATH_ID = "SELECT id FROM path WHERE path = ?"
+PATH_IDS = "SELECT id FROM path WHERE path IN ({})"
 # Every event on some paths, or every link naming them, in the chains' diffs:
 # restricted in SQL, so the cost follows the chains, not the number of images
 # in the store that hold these paths.
@@ -166,19 +167,26 @@ def closure_events(store, chains: list[list[tuple[int, int]]], paths: Iterable[b
             wanted.add(p)
             pending.append(pid)
     todo = list(paths)
+    # Paths whose ancestors are all wanted: a walk up stops at the first one, so
+    # a deep path's ancestors cost each one step, not one per path below them.
+    closed: set[bytes] = set()
     while todo or pending:
+        lookup: list[bytes] = []
         for p in todo:
             q = p
-            while True:
+            while q not in closed:
+                closed.add(q)
                 if q not in wanted:
                     wanted.add(q)
-                    pid = store.scalar(PATH_ID, (q,))
-                    if pid is not None:
-                        pending.append(pid)
+                    lookup.append(q)
                 if not q:
                     break
                 q = parent(q)
         todo = []
+        # Path ids in batches: a path 4,096 components deep has as many ancestors.
+        for i in range(0, len(lookup), _BATCH):
+            part = lookup[i : i + _BATCH]
+            pending.extend(pid for (pid,) in store.execute(PATH_IDS.format(",".join("?" * len(part))), part))
         for i in range(0, len(pending), _BATCH):
             ids = pending[i : i + _BATCH]
             marks = ",".join("?" * len(ids))

@@ -11,7 +11,7 @@ import apsw
 
 from .errors import SchemaTooNew, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 # Pragmas, chosen on purpose:
 # - WAL: readers never block the importer and the importer never blocks
@@ -49,6 +49,18 @@ def schema_sql() -> str:
     from importlib import resources  # only when a store is created
 
     return resources.files("layerdb.engine").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def migration_sql(version: int) -> str:
+    """The statements that take a store of `version` to SCHEMA_VERSION: the
+    schema.sql sections marked '-- @version N' for every N above it."""
+    out, keep = [], False
+    for line in schema_sql().splitlines(keepends=True):
+        if line.startswith("-- @version "):
+            keep = int(line.split()[2].rstrip(":")) > version
+        if keep:
+            out.append(line)
+    return "".join(out)
 
 
 class Store:
@@ -89,6 +101,20 @@ class Store:
                         raise StoreError(f"{self.path} is an SQLite database but not a layerdb store")
                     self.conn.execute(schema_sql())
                     self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older store to SCHEMA_VERSION in place: new tables only, so
+        nothing existing is rewritten, and all of it or nothing (one transaction)."""
+        with self.write():
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
+            if version < SCHEMA_VERSION:
+                self.conn.execute(migration_sql(version))
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                from .log import get_logger
+
+                get_logger("layerdb.store").info("migrated", store=self.path, old=version, new=SCHEMA_VERSION)
 
     def close(self) -> None:
         self.conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -42,6 +43,20 @@ def test_every_command_has_help():
         assert cmd.help, name
         r = run_cli(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_bare_layerdb_prints_its_help_and_succeeds(tmp_path):
+    """As podman and docker do: help on stdout, exit 0, nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "LAYERDB_DB"}
+    p = subprocess.run([sys.executable, "-m", "layerdb.cli"], capture_output=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0 and p.stderr == b"", (p.returncode, p.stderr)
+    out = p.stdout.decode()
+    assert out.startswith("Usage: layerdb [OPTIONS] COMMAND [ARGS]...") and "error" not in out.lower()
+    for command in ("import", "pull", "push", "build", "explore", "export", "log"):
+        assert f"\n  {command} " in out, command
+    # A command that is not there is still an error, with its one line and exit 2.
+    bad = subprocess.run([sys.executable, "-m", "layerdb.cli", "no-such-command"], capture_output=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.decode().startswith("layerdb: error: ")
 
 
 def test_images_json(store):

@@ -95,6 +95,8 @@ def test_shared_fixtures_partitioned_equals_whole(db, archive, monkeypatch):
 def test_hostile_archives_partitioned_equal_whole(db, monkeypatch):
     imported = 0
     for archive in sorted((REPO_FIXTURES.parent / "hostile").glob("*.tar")):
+        if archive.name == "path-4096-components.tar":
+            continue  # partitions of 1 and 2 paths each replay 4,096 ancestors: test_deep_paths.py partitions it
         try:
             db.import_archive(str(archive))
         except LayerdbError:

@@ -114,6 +114,14 @@ LOGICAL = {  # every table, with each reference to a row replaced by what names 
     "path": "SELECT path, name FROM path",
     "blob": "SELECT sha256, size, chunk IS NULL FROM blob",
     "blob_chunk": "SELECT b.sha256, c.seq, c.offset, c.chunk FROM blob_chunk c JOIN blob b ON b.id = c.blob_id",
+    # What pulls remember (engine/registry/records.py); an import leaves them empty.
+    "manifest": "SELECT m.digest, m.media_type, m.data, i.digest FROM manifest m LEFT JOIN image i ON i.id = m.image_id",
+    "manifest_child": """SELECT a.digest, b.digest FROM manifest_child c
+                         JOIN manifest a ON a.id = c.index_id JOIN manifest b ON b.id = c.child_id""",
+    "manifest_layer": """SELECT m.digest, l.idx, l.digest, l.media_type, l.size, l.annotations, l.diff_id
+                         FROM manifest_layer l JOIN manifest m ON m.id = l.manifest_id""",
+    "seen": "SELECT digest, registry, repository FROM seen",
+    "build_cache": "SELECT key, parent, step, inputs, diff_id, created, used FROM build_cache",
 }
 
 

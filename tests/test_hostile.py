@@ -66,6 +66,7 @@ SAFE = {  # documented-safe behaviours, each tested below
     "tar-without-end-blocks", "duplicate-blob-bad-first", "manifest-empty-layers", "path-absolute",
     "hardlink-missing", "symlink-loop", "export-symlink-escape", "export-hardlink-absolute", "export-devices",
     "uid-out-of-range",
+    "path-4096-components",  # every path walk at that depth: tests/test_deep_paths.py
 }
 
 

@@ -23,7 +23,7 @@ from layerdb.engine.replay import View, chain_events
 FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "blob_id", "sha256", "link", "devmajor", "devminor", "xattrs")
 
 
-def _check(db, ref: str, nodes: int, monkeypatch) -> None:
+def _check(db, ref: str, nodes: int, monkeypatch, whole: bool = False) -> None:
     """nodes: the LRU's size; a tiny one also keeps one listing and loads
     directories child by child (no subtree at once)."""
     monkeypatch.setattr(ImageTree, "NODES", nodes)
@@ -33,7 +33,7 @@ def _check(db, ref: str, nodes: int, monkeypatch) -> None:
     with db.store.read():
         chain = refs.resolve(db.store, ref).chain
         whole = View().replay(chain_events(db.store.conn, chain))
-    tree = ImageTree(db.store, chain)
+    tree = ImageTree(db.store, chain, whole=whole)
     paths = sorted(whole.nodes)
     for p in paths:  # directories first: their listings load their children together
         if whole.nodes[p].type == "d":
@@ -56,14 +56,17 @@ def _check(db, ref: str, nodes: int, monkeypatch) -> None:
     assert tree.totals() == (used, len(whole.nodes))
 
 
-@pytest.mark.parametrize("nodes", [3, ImageTree.NODES], ids=["lru-3-children", "lru-default-subtrees"])
+@pytest.mark.parametrize("nodes", [3, ImageTree.NODES, "whole"], ids=["lru-3-children", "lru-default-subtrees", "whole"])
 @pytest.mark.parametrize("archive", fixture_archives(REPO_FIXTURES) + fixture_archives(SHARED_FIXTURES),
                          ids=lambda p: p.name)
 def test_mount_tree_shows_the_whole_view(db, archive, nodes, monkeypatch):
+    """Loaded path by path (an LRU of 3 nodes, or the default), or replayed once
+    whole, as a mount of a small chain does."""
     db.import_archive(str(archive))
     for img in db.images():
         for k in range(img["layers"]):
-            _check(db, f"{img['id']}~{k}", nodes, monkeypatch)
+            _check(db, f"{img['id']}~{k}", ImageTree.NODES if nodes == "whole" else nodes, monkeypatch,
+                   whole=nodes == "whole")
 
 
 def test_mount_tree_on_chains_built_to_break_it(db, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 from .. import refs
 from ..kinds import IGNORED, OPAQUE, PUT, WHITEOUT
-from ..paths import ancestors_to_root, show_path
+from ..paths import add_with_ancestors, show_path
 from ..reader import Reader
 from ..replay import SUBTREE, Event, Node, View, decided_events, diff_events, event_count, tree_key
 from .common import STATE_FIELDS, state
@@ -283,8 +283,7 @@ def steps(layers: Iterable[Layer], view: View) -> Iterator[Step]:
         for kind, path, type_, target in scope_rows():
             if kind == IGNORED:
                 continue
-            scope.add(path)
-            scope.update(ancestors_to_root(path))
+            add_with_ancestors(path, scope)
             if _reaches_subtree(kind, type_):
                 _subtree(view, path, scope)
             if target is not None:

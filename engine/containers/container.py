@@ -1037,10 +1037,17 @@ def plan_layer(lower: View, upper: View, removed: dict[bytes, int]) -> list[Entr
     see_through: dict[bytes, bool] = {b"": True}
     put: set[bytes] = set()
     marks: dict[bytes, int] = {}  # marker name -> its mtime
+    # wiped_at[D]: the latest removal of D or an ancestor, None if none; carried
+    # down the walk, so a path costs one step whatever its depth.
+    wiped_at: dict[bytes, int | None] = {b"": removed.get(b"")}
     for p, node in upper.walk():  # parents first
         low = lower.get(p) if see_through.get(parent(p)) else None
-        wiped = [removed[q] for q in (p, *ancestors(p)) if q in removed]
-        reopened = node.type == "d" and low is not None and low.type == "d" and bool(wiped)
+        above = wiped_at.get(parent(p))
+        here = removed.get(p)
+        wiped = above if here is None else (here if above is None else max(here, above))
+        if node.type == "d":
+            wiped_at[p] = wiped
+        reopened = node.type == "d" and low is not None and low.type == "d" and wiped is not None
         if node.type == "d":
             see_through[p] = low is not None and low.type == "d" and not reopened
         if low is None or reopened or state(low) != state(node):
@@ -1048,14 +1055,19 @@ def plan_layer(lower: View, upper: View, removed: dict[bytes, int]) -> list[Entr
         elif node.type != "d" and lower_links.get(id(low)) != upper_links.get(id(node)):
             put.add(p)  # same file, but its hard links differ
         if reopened:
-            marks[join(p, OPQ)] = max(wiped)
+            marks[join(p, OPQ)] = wiped
     for p in lower.nodes:
         if p and p not in upper.nodes and see_through.get(parent(p)):
             marks[join(parent(p), WH + p.rsplit(b"/", 1)[-1])] = removed.get(p, 0)
     for p in list(put):
         put.update(upper_links.get(id(upper.nodes[p]), ()))
+    closed: set[bytes] = set()  # directories whose ancestors are all in put
     for name in list(put) + list(marks):
-        put.update(ancestors(name))
+        q = parent(name)
+        while q and q not in closed:
+            closed.add(q)
+            put.add(q)
+            q = parent(q)
     entries: list[Entry] = []
     first: dict[int, bytes] = {}
     for name in sorted(put | marks.keys()):

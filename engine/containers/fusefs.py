@@ -35,7 +35,8 @@ from typing import Callable
 from .container import TYPE_BITS, TYPE_OF_BITS, Container, join, names_by_node, parent
 from ..errors import LayerdbError, NotFound, UsageError
 from ..log import get_logger
-from ..replay import Node, View, below, decided_events, tree_key
+from ..replay import Node, View, below, chain_events, decided_events, tree_key
+from ..tree import large
 
 try:
     import pyfuse3
@@ -129,9 +130,15 @@ class ImageTree:
     LISTINGS = 1024  # directory listings kept
     ROOT = 1  # FUSE's root inode (FUSE_ROOT_ID)
 
-    def __init__(self, store, chain: list[tuple[int, int]]):
+    def __init__(self, store, chain: list[tuple[int, int]], whole: bool = False):
         self.store = store
         self.chain = chain
+        # whole=True: the chain is small (tree.WHOLE_EVENTS), so it replays once and
+        # every lookup is a dict access.  A lookup loaded alone replays the path's
+        # ancestors, which for a path thousands of components deep, looked up level
+        # by level as the kernel does, costs the square of its depth.
+        self._whole: View | None = None
+        self.whole = whole
         self._nodes: collections.OrderedDict[bytes, Node | None] = collections.OrderedDict()
         self._ids: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._paths: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # inode -> path
@@ -149,8 +156,14 @@ class ImageTree:
             self._nodes.popitem(last=False)
 
     def _load(self, paths: list[bytes], known: list[tuple[int, bytes]] = ()) -> View:
-        with self.store.read():
-            view = View().replay(decided_events(self.store, [self.chain], paths, known)[0])
+        if self.whole:
+            if self._whole is None:
+                with self.store.read():
+                    self._whole = View().replay(chain_events(self.store.conn, self.chain))
+            view = self._whole
+        else:
+            with self.store.read():
+                view = View().replay(decided_events(self.store, [self.chain], paths, known)[0])
         links = names_by_node(view)
         for p in [*paths, *(q for _, q in known)]:
             node = view.get(p)
@@ -184,6 +197,9 @@ class ImageTree:
         if kids is not None:
             self._listings.move_to_end(d)
             return kids
+        if self.whole:
+            self._load([d])
+            return self._listing(d, sorted(self._whole.children.get(d, ())))
         with self.store.read():
             rows = below(self.store, self.chain, d, limit=self.SUBTREE + 1)
             small = len(rows) <= self.SUBTREE
@@ -858,7 +874,7 @@ def mount(db, target: str, mountpoint: str, writable: bool) -> None:
     else:
         with db.store.read():
             chain = db.resolve(target).chain
-        fs = ImageFS(db, ImageTree(db.store, chain))
+        fs = ImageFS(db, ImageTree(db.store, chain, whole=not large(db.store, chain)))
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if not writable:
         options.add("ro")

@@ -10,21 +10,18 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 
-from ..paths import ancestors, parent as parent_of
 from ..refs import normalize_tag
-from ..kinds import IGNORED, IMPLIED, OPAQUE, PUT, WHITEOUT
+from ..kinds import IMPLIED, PUT, WHITEOUT  # noqa: F401  (WHITEOUT: containers take it from here)
 from ..log import get_logger
 from .archive import Archive, ImageSource, LayerSource, LayerStream
 from ..content import ContentStore
 from ..errors import LayerFormatError, UsageError
 from ..store import Store
-from .tarstream import TarReader
+from ..tarevents import Parents, event_of
+from ..tarstream import TarReader
 
 log = get_logger("layerdb.import")
 
-WH = b".wh."
-OPQ = b".wh..wh..opq"
-MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
 BATCH = 2000
 # Whether a diff puts something at a path (a file that is also a parent).
 NAMED_HERE = "SELECT 1 FROM event WHERE path_id = ? AND diff_id = ? AND kind = ? LIMIT 1"
@@ -42,23 +39,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     for d in diff_ids:
         out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
-
-
-def normalize(name: bytes) -> bytes:
-    """A tar member name as a path relative to the root: no '.', no empty parts.
-
-    Absolute names are taken relative to the root (as tar and Docker do);
-    '..' components and NUL bytes are refused.
-    """
-    if b"\0" in name:
-        raise LayerFormatError(f"tar entry name contains a NUL byte: {name!r}")
-    parts = [p for p in name.split(b"/") if p and p != b"."]
-    if b".." in parts:
-        raise LayerFormatError(f"tar entry escapes the root: {name.decode('utf-8', 'replace')!r}")
-    if len(parts) > MAX_DEPTH:
-        raise LayerFormatError(f"tar entry path has {len(parts)} components (limit {MAX_DEPTH})")
-    return b"/".join(parts)
-
 
 
 def encode_framing_record(b: bytes) -> bytes:
@@ -252,12 +232,8 @@ class Importer:
         reader = TarReader(stream)
         framing = self.content.writer("framing")  # streamed: a big layer's headers never sit in memory
         rows: list[tuple] = []
-        # Parents the tar never names become implied directories.  Only
-        # directories are remembered (every file would make memory grow with
-        # the layer); a non-directory that is some entry's parent is looked up
-        # among this diff's events at the end.
-        named_dirs: set[bytes] = set()
-        needed: set[bytes] = set()
+        # Parents the tar never names become implied directories (tarevents.Parents).
+        parents = Parents()
         file_bytes = 0
         seq = -1
         ins = (
@@ -267,53 +243,17 @@ class Importer:
         progress = self.progress
         for seq, e in enumerate(reader):
             framing.write(encode_framing_record(e.framing))
-            path = normalize(e.name)
-            base = path.rsplit(b"/", 1)[-1]
+            ev = event_of(e)
             blob_id = None
             if e.type == "f":
                 blob_id = self.content.add(reader.payload(), e.size)
                 file_bytes += e.size
-            aufs = WH + WH in path and any(p.startswith(WH + WH) for p in path.split(b"/")[:-1])
-            if base.startswith(WH) or aufs:
-                parent = parent_of(path)
-                if base == OPQ and not aufs:
-                    kind, target = OPAQUE, parent
-                elif base.startswith(WH + WH) or aufs:
-                    # AUFS bookkeeping (.wh..wh.plnk and what lies below it), as
-                    # Docker skips it: not a delete, not a file.
-                    kind, target = IGNORED, path
-                else:
-                    name = base[len(WH):]
-                    if not name:
-                        raise LayerFormatError(f"whiteout entry with an empty name: {e.name!r}")
-                    kind, target = WHITEOUT, (parent + b"/" + name if parent else name)
-                needed.update(ancestors(path))
-                rows.append(
-                    (diff_rowid, kind, seq, self._pid(target), e.type, e.mode, e.uid, e.gid, e.mtime,
-                     e.size if e.type == "f" else None, blob_id, None, None, None, None, None)
-                )
-            else:
-                if not path:
-                    if e.type != "d":
-                        raise LayerFormatError(f"the root is a {e.type!r} entry, not a directory")
-                if e.type == "d":
-                    named_dirs.add(path)
-                needed.update(ancestors(path))
-                target_id = link = None
-                if e.type == "h":
-                    tpath = normalize(e.linkname)
-                    if not tpath:
-                        raise LayerFormatError(f"hard link {e.name!r} points at the root")
-                    target_id = self._pid(tpath)
-                elif e.type == "l":
-                    link = e.linkname
-                xattrs = json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())}) if e.xattrs else None
-                dev = e.type in ("c", "b")
-                rows.append(
-                    (diff_rowid, PUT, seq, self._pid(path), e.type, e.mode, e.uid, e.gid, e.mtime,
-                     e.size if e.type == "f" else None, blob_id, link, target_id,
-                     e.devmajor if dev else None, e.devminor if dev else None, xattrs)
-                )
+            parents.add(ev)
+            target_id = None if ev.target is None else self._pid(ev.target)
+            rows.append(
+                (diff_rowid, ev.kind, seq, self._pid(ev.path), ev.type, ev.mode, ev.uid, ev.gid, ev.mtime, ev.size,
+                 blob_id, ev.link, target_id, ev.devmajor, ev.devminor, ev.xattrs)
+            )
             if len(rows) >= BATCH:
                 self.store.conn.executemany(ins, rows)
                 rows.clear()
@@ -322,12 +262,9 @@ class Importer:
         entries = seq + 1
         self.store.conn.executemany(ins, rows)
         rows.clear()
-        # Parents that the tar never names are implied directories (mkdir -p).
-        implied = []
-        for p in sorted(needed - named_dirs):
-            pid = self._pid(p)
-            if self.store.scalar(NAMED_HERE, (pid, diff_rowid, PUT)) is None:
-                implied.append(pid)
+        # A non-directory that is some entry's parent is looked up among this diff's events.
+        implied = [self._pid(p) for p in parents.implied(
+            lambda p: self.store.scalar(NAMED_HERE, (self._pid(p), diff_rowid, PUT)) is not None)]
         self.store.conn.executemany(ins, [
             (diff_rowid, IMPLIED, entries + i, pid, "d", 0o755, 0, 0, None, None, None, None, None, None, None, None)
             for i, pid in enumerate(implied)])

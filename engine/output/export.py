@@ -156,27 +156,48 @@ class _DirWriter:
     so no entry can land outside the target, whatever the view holds.
     """
 
+    # Open directory fds kept, most recently used last.  A deep tree (import
+    # accepts 4,096 components) reopens from its nearest kept ancestor.
+    KEEP_FDS = 256
+
     def __init__(self, root: str):
         self.root_fd = os.open(root, _DIR_FLAGS)
-        self.cache: dict[bytes, int] = {b"": self.root_fd}
+        self.cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.is_root = os.geteuid() == 0
 
     def close(self) -> None:
         for fd in self.cache.values():
             os.close(fd)
         self.cache.clear()
+        os.close(self.root_fd)
 
     def dir_fd(self, path: bytes) -> int:
+        """The fd of directory `path`, opened component by component from its
+        nearest open ancestor (a loop, not recursion: any depth)."""
+        if not path:
+            return self.root_fd
         fd = self.cache.get(path)
         if fd is not None:
+            self.cache.move_to_end(path)
             return fd
-        i = path.rfind(b"/")
-        parent, name = (path[:i], path[i + 1:]) if i >= 0 else (b"", path)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.dir_fd(parent))
-        if len(self.cache) > 256:  # bound open fds; deep trees reopen as needed
-            for k in [k for k in self.cache if k][:128]:
-                os.close(self.cache.pop(k))
-        self.cache[path] = fd
+        base, fd = b"", self.root_fd
+        i = len(path)
+        while True:  # the nearest open ancestor
+            i = path.rfind(b"/", 0, i)
+            if i < 0:
+                break
+            got = self.cache.get(path[:i])
+            if got is not None:
+                base, fd = path[:i], got
+                break
+        start = len(base) + 1 if base else 0
+        for name in path[start:].split(b"/"):
+            base = base + b"/" + name if base else name
+            fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            self.cache[base] = fd
+            # Never the fd just opened: the next component opens from it.
+            while len(self.cache) > self.KEEP_FDS:
+                os.close(self.cache.popitem(last=False)[1])
         return fd
 
     def split(self, path: bytes) -> tuple[int, bytes]:

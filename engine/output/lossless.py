@@ -9,36 +9,42 @@ from ..content import ContentStore
 from ..errors import CorruptStore
 
 
-class _Records:
-    """Reads the framing blob's length-prefixed records across chunk borders."""
+class FramingRecords:
+    """Reads a framing blob's length-prefixed records (one per tar entry, then
+    the trailer) across chunk borders.  fsck --deep reads them too."""
 
     def __init__(self, chunks: Iterator[bytes]):
         self.chunks = chunks
         self.buf = b""
+        self.pos = 0  # records are read from buf at pos: slicing off the rest would copy a chunk per record
 
     def _need(self, n: int) -> bytes:
-        parts = [self.buf]
-        have = len(self.buf)
+        end = self.pos + n
+        if end <= len(self.buf):
+            b = self.buf[self.pos : end]
+            self.pos = end
+            return b
+        parts = [self.buf[self.pos :]]
+        have = len(parts[0])
         while have < n:
             c = next(self.chunks, None)
             if c is None:
                 raise CorruptStore("layer framing ends early")
             parts.append(c)
             have += len(c)
-        data = b"".join(parts)
-        self.buf = data[n:]
-        return data[:n]
+        self.buf, self.pos = b"".join(parts), n
+        return self.buf[:n]
 
     def next(self) -> bytes:
         (n,) = struct.unpack(">I", self._need(4))
         return self._need(n)
 
     def at_end(self) -> bool:
-        if self.buf:
+        if self.pos < len(self.buf):
             return False
         for c in self.chunks:
             if c:
-                self.buf = c
+                self.buf, self.pos = c, 0
                 return False
         return True
 
@@ -49,7 +55,7 @@ def iter_layer_tar(conn, content: ContentStore, diff_rowid: int) -> Iterator[byt
     if row is None or row[0] is None:
         raise CorruptStore(f"diff {diff_rowid} has no framing")
     framing_blob, entries, diff_id = row
-    rec = _Records(content.iter_blob(framing_blob))
+    rec = FramingRecords(content.iter_blob(framing_blob))
     # Streamed from the cursor, not fetched: a layer of many files would hold a row per file.
     payloads = conn.execute(
         "SELECT seq, blob_id FROM event WHERE diff_id = ? AND seq < ? AND kind != 2 ORDER BY seq",

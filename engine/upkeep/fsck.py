@@ -16,7 +16,11 @@ Checks, cheapest first:
            content hashes to its sha256 where it lies in its pack (each
            pack read once); a chunked one's chunks concatenate to its size
            and sha256
-  --deep   every layer tar rebuilt from the store hashes to its diff_id
+  --deep   (engine/upkeep/deep.py) every layer tar is rebuilt from the store,
+           hashes to its diff_id, and is read as import reads it: each entry
+           must be its stored event, field by field, and no event may be one
+           the tar does not hold (but its implied parents); each container's
+           log is well formed and resolves over its image
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import Iterator
 from ..content import ContentStore
 from ..errors import CorruptStore
 from ..kinds import IGNORED, IMPLIED
-from ..output.save import LayerRef, checked_layer
 from ..store import Store
+from .deep import ContainerCheck, TarCheck
 
 
 @dataclass
@@ -93,7 +97,10 @@ class Fsck:
                         " UNION SELECT chunk FROM blob_chunk)"),
             # AUFS bookkeeping (.wh..wh.plnk and kin): kept, never applied; reported, not a fault.
             "ignored": q("SELECT count(*) FROM event WHERE kind = ?", (IGNORED,)),
-            "layer_tars": 0,
+            "layer_tars": 0,  # --deep: layer tars rebuilt and read
+            "tar_entries": 0,  # --deep: their entries, checked against their events
+            "container_logs": 0,  # --deep: containers' diffs checked
+            "container_events": 0,
         }
 
     # Blame ------------------------------------------------------------------
@@ -120,6 +127,10 @@ class Fsck:
             layers = [{"layer_id": c, "position": p} for c, p in self.store.execute(
                 "SELECT chain_id, position FROM layer WHERE diff_id = ? ORDER BY position, chain_id", (diff_rowid,))]
             b = Blame(layers, self._images_above("SELECT id FROM layer WHERE diff_id = ?", diff_rowid))
+            if not layers:  # a container's diff is in no layer: its container's image is what it breaks
+                b.images = [{"id": digest, "repo_tags": self._tags_of(rowid)} for rowid, digest in self.store.execute(
+                    "SELECT i.id, i.digest FROM container c JOIN image i ON i.id = c.image_id WHERE c.diff_id = ?",
+                    (diff_rowid,))]
             self._diff_blame[diff_rowid] = b
         return b
 
@@ -351,13 +362,23 @@ class Fsck:
             yield self._finding(check, obj, problem + " (content no file uses)", Blame([], []))
 
     def _layer_tars(self) -> Iterator[Finding]:
-        for rowid, diff_id, tar_size in self.store.execute("SELECT id, diff_id, tar_size FROM diff WHERE container = 0 ORDER BY id"):
+        tars = TarCheck(self.store, self.content)
+        for rowid, diff_id, entries, tar_size, framing in self.store.execute(
+            "SELECT id, diff_id, entries, tar_size, framing FROM diff WHERE container = 0 ORDER BY id"
+        ).fetchall():
             self.counts["layer_tars"] += 1
-            try:
-                for _ in checked_layer(self.store.conn, self.content, LayerRef(rowid, diff_id, tar_size)):
-                    pass
-            except CorruptStore as e:
-                yield self._finding("layer-tar", diff_id, e.message, self.blame_diff(rowid), diff_id)
+            for p in tars.diff(rowid, diff_id, entries, tar_size, framing):
+                yield self._finding(p.check, p.obj, p.text, self.blame_diff(rowid), diff_id, p.path)
+        self.counts["tar_entries"] = tars.entries
+        logs = ContainerCheck(self.store)
+        for rowid, diff_id, name, layer_id in self.store.execute(
+            """SELECT d.id, d.diff_id, c.name, c.layer_id FROM diff d LEFT JOIN container c ON c.diff_id = d.id
+               WHERE d.container = 1 ORDER BY d.id"""
+        ).fetchall():
+            self.counts["container_logs"] += 1
+            for p in logs.diff(rowid, diff_id, name, layer_id):
+                yield self._finding(p.check, p.obj, p.text, self.blame_diff(rowid), diff_id, p.path)
+        self.counts["container_events"] = logs.events
 
 
 def _first_difference(want: list[str], have: list[str]) -> str:

@@ -281,6 +281,7 @@ def stacked(*layers: tuple[str, list[tuple[tarfile.TarInfo, bytes]]]) -> Archive
 
 
 D, L, H, S = tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.REGTYPE
+DEEP = "d/" * 4095  # with the file's own name, 4,096 components: importer.MAX_DEPTH
 
 CASES: dict[str, tuple[str, Callable[[], ArchiveEditor]]] = {
     # Truncation with every digest recomputed for the cut blob: only the format check can tell.
@@ -322,6 +323,13 @@ CASES: dict[str, tuple[str, Callable[[], ArchiveEditor]]] = {
     "path-nul": ("a NUL byte inside a PAX path", nul_in_name),
     "path-10000-components": ("a file 10,000 components deep",
                               lambda: one_layer(entry("/".join(["d"] * 9999 + ["f"]), b"deep\n"), why="hostile: deep path")),
+    "path-4096-components": ("a file and a symlink 4,096 components deep (as deep as import accepts), a hard link to "
+                             "the file at the top; layer 5 changes the file and removes the symlink",
+                             lambda: stacked(("hostile: deep tree", [entry(DEEP + "f", b"deep\n"),
+                                                                     entry(DEEP + "l", type=L, linkname="f"),
+                                                                     entry("deeplink", type=H, linkname=DEEP + "f")]),
+                                             ("hostile: deep change", [entry(DEEP + "f", b"deeper\n"),
+                                                                       entry(DEEP + ".wh.l")]))),
     # Sizes.
     "bomb-gzip": ("a gzip layer: a small tar, then 32 MiB of zeros past its end (32 KiB compressed)", lambda: bomb("gzip")),
     "bomb-zstd": ("a zstd layer: a small tar, then 1 GiB of zeros past its end (32 KiB compressed)", lambda: bomb("zstd")),

@@ -1,0 +1,73 @@
+"""`layerdb build`: a Dockerfile to an image (engine/build/)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import render
+from .base import cli, json_option, open_db
+
+
+def _build_arg(ctx, param, values):
+    out = {}
+    for v in values:
+        k, eq, val = v.partition("=")
+        if not k:
+            raise click.BadParameter(f"{v!r}: expected NAME=VALUE", ctx, param)
+        if not eq:
+            import os
+
+            if k not in os.environ:
+                continue  # `--build-arg NAME` takes NAME from the environment, when set (as docker)
+            val = os.environ[k]
+        out[k] = val
+    return out
+
+
+@cli.command()
+@click.argument("context", type=click.Path(exists=True, file_okay=False))
+@click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False),
+              help="The Dockerfile (default: CONTEXT/Dockerfile, else CONTEXT/Containerfile).")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME:TAG", help="Tag the image (repeatable).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE", callback=_build_arg,
+              help="Set a build argument (repeatable).")
+@click.option("--target", metavar="STAGE", help="Build this stage (name or index) and what it needs.")
+@click.option("--no-cache", is_flag=True, help="Build every step again.")
+@click.option("--iidfile", type=click.Path(dir_okay=False), help="Write the image id (sha256:...) here.")
+@click.option("--timestamp", type=int, metavar="SECONDS",
+              help="Created times and file times of new layers (reproducible builds; default $SOURCE_DATE_EPOCH).")
+@click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True,
+              help="The network of RUN steps.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@json_option
+@click.pass_context
+def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, quiet,
+          as_json):
+    """Build an image from a Dockerfile, RUN steps included."""
+    db = open_db(ctx)
+    verbose = ctx.find_root().params.get("verbose") or 0
+
+    def progress(kind: str, text: str) -> None:
+        if quiet or as_json:
+            return
+        if kind == "output":
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        elif kind != "cache" or verbose or text.startswith("--> Using cache") or "miss" in text:
+            click.echo(text, err=True)
+
+    res = db.build(context, dockerfile, list(tags), build_args, target, no_cache, timestamp, network,
+                   progress=progress)
+    if iidfile:
+        with open(iidfile, "w") as f:
+            f.write(res.id)
+    if as_json:
+        render.json_line({"id": res.id, "repo_tags": res.tags, "layers": res.layers, "steps": res.steps,
+                          "cached": res.cached, "new": res.new_image, "misses": res.misses})
+        return
+    if not quiet:
+        for t in res.tags:
+            click.echo(f"Successfully tagged {t}", err=True)
+    click.echo(res.id)

@@ -1,0 +1,120 @@
+"""`layerdb build` against buildah 1.28 (the oracle): the same Dockerfile and context
+built by both, compared per build.md §8 (tests/build_oracle.py).  Both build with
+--timestamp 0, so file mtimes are compared too.  Needs buildah and root (CI
+installs the Debian package buildah)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from build_oracle import buildah_available, buildah_build, compare
+from conftest import REPO_FIXTURES
+
+pytestmark = pytest.mark.skipif(not buildah_available(), reason="needs buildah (Debian: buildah) and root")
+
+BASE = REPO_FIXTURES / "images" / "sample.oci.tar"
+
+METADATA = """\
+# syntax=docker/dockerfile:1
+ARG BASE=scratch
+FROM ${BASE} AS first
+ARG GREETING=hello
+ARG LATE
+ARG SECOND=2
+ENV A=1 B="two words" \\
+    # a comment inside the continuation
+    C=$A-${B:+set}
+env OLD old style value
+LABEL a=b "c d"=e
+MAINTAINER someone <a@b>
+EXPOSE 80 53/udp $A
+VOLUME /data ["/x"]
+USER 1000:1000
+WORKDIR /app/$A
+WORKDIR sub
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=5s --timeout=3s --retries=2 CMD ["/bin/true"]
+ONBUILD RUN echo hi
+ENTRYPOINT ["/bin/e"]
+CMD ["run", "me"]
+"""
+
+LAYERS = """\
+ARG BASE
+FROM ${BASE}
+ARG GREETING=hello
+ENV APP=/app
+COPY app/ /app/
+COPY top.txt /top1
+COPY top.txt /newdir/
+COPY --chown=7:8 app /own/deep/
+COPY --chown=app --chmod=640 top.txt app/main.py /multi/
+RUN echo "$GREETING" > /app/greet && rm /app/main.py && mkdir -p /var/x && echo y > /var/x/y
+RUN rm -rf /var/x && mkdir /var/x && echo z > /var/x/z && ln /var/x/z /var/x/z2 && ln -s z /var/x/zl
+RUN rm -rf /app/cache && chmod 600 /etc/motd
+WORKDIR /srv/work
+COPY top.txt rel
+USER app
+RUN id > /tmp/id.txt && pwd >> /tmp/id.txt
+CMD ["/bin/sh"]
+"""
+
+
+def _context(tmp_path: Path, dockerfile: str) -> Path:
+    ctx = tmp_path / "ctx"
+    (ctx / "app" / "sub").mkdir(parents=True)
+    (ctx / "app" / "main.py").write_text("print(1)\n")
+    (ctx / "app" / "skip.tmp").write_text("ignored\n")
+    (ctx / "app" / "sub" / "b.txt").write_text("b\n")
+    os.chmod(ctx / "app" / "sub" / "b.txt", 0o600)
+    (ctx / "top.txt").write_text("top\n")
+    (ctx / ".dockerignore").write_text("**/*.tmp\n")
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for p in ctx.rglob("*"):
+        if p.is_dir():
+            os.chmod(p, 0o755)
+    return ctx
+
+
+def _mine(db, ctx: Path, tmp_path: Path, base: str | None) -> str:
+    args = {"BASE": base} if base else {}
+    res = db.build(str(ctx), build_args=args, tags=["localhost/mine:1"], timestamp=0,
+                   cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "mine.tar"
+    with open(out, "wb") as f:
+        db.save(["localhost/mine:1"], f)
+    return str(out), res
+
+
+def test_metadata_steps_match_buildah(db, tmp_path):
+    ctx = _context(tmp_path, METADATA)
+    oracle = tmp_path / "oracle.tar"
+    buildah_build(str(ctx), str(oracle))
+    mine, res = _mine(db, ctx, tmp_path, None)
+    assert compare(str(oracle), mine) == []
+    assert res.layers == 0
+
+
+def test_layers_copy_run_match_buildah(db, tmp_path):
+    db.import_archive(str(BASE))
+    ctx = _context(tmp_path, LAYERS)
+    oracle = tmp_path / "oracle.tar"
+    buildah_build(str(ctx), str(oracle), {"BASE": f"oci-archive:{BASE}"})
+    mine, res = _mine(db, ctx, tmp_path, "sample:1.0")
+    assert compare(str(oracle), mine) == []
+    assert res.layers == 6 + 10
+
+
+def test_the_comparator_sees_a_difference(db, tmp_path):
+    """The oracle check can fail: a context changed after buildah's build shows up."""
+    db.import_archive(str(BASE))
+    ctx = _context(tmp_path, LAYERS)
+    oracle = tmp_path / "oracle.tar"
+    buildah_build(str(ctx), str(oracle), {"BASE": f"oci-archive:{BASE}"})
+    (ctx / "top.txt").write_text("changed\n")
+    mine, _ = _mine(db, ctx, tmp_path, "sample:1.0")
+    diffs = compare(str(oracle), mine)
+    assert diffs and all("top" in d or "/multi/top.txt" in d or "rel" in d for d in diffs), diffs
