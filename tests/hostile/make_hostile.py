@@ -281,7 +281,7 @@ def stacked(*layers: tuple[str, list[tuple[tarfile.TarInfo, bytes]]]) -> Archive
 
 
 D, L, H, S = tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.REGTYPE
-DEEP = "d/" * 4095  # with the file's own name, 4,096 components: importer.MAX_DEPTH
+DEEP = "d/" * 4095  # with the file's own name, 4,096 components: tarevents.MAX_DEPTH
 
 CASES: dict[str, tuple[str, Callable[[], ArchiveEditor]]] = {
     # Truncation with every digest recomputed for the cut blob: only the format check can tell.
