@@ -108,17 +108,20 @@ def layerdb_case(src: str, db: Path, rss: list[int]):
     return go
 
 
-def skopeo_import_case(src: str, ref_name: str, work: Path, rss: list[int]):
+def skopeo_import_case(src: str, ref_name: str, work: Path, rss: list[int], parts: dict[str, list[float]]):
     """skopeo copy docker://SRC oci-archive:F, then layerdb import F: two commands, their times added."""
 
     def go() -> float:
         archive, db = work / "pulled.oci.tar", work / "s.sqlite"
+        work.mkdir(parents=True, exist_ok=True)
         archive.unlink(missing_ok=True)
         fresh_store(db)
         a = run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{src}",
                  f"oci-archive:{archive}:{ref_name}"])
         b = run(ldb(db, "import", archive))
         rss.append(b.rss)
+        parts["skopeo copy"].append(a.wall)
+        parts["layerdb import"].append(b.wall)
         archive.unlink()
         return a.wall + b.wall
 
@@ -173,12 +176,13 @@ def _bench(runs: int, work: Path, reg: Registry) -> list[Result]:
     db = work / "store.sqlite"
     rss_pull: list[int] = []
     rss_import: list[int] = []
+    parts: dict[str, list[float]] = {"skopeo copy": [], "layerdb import": []}
     log(f"pull Debian+python3: layerdb pull vs skopeo copy + layerdb import vs buildah pull (vfs), {runs} rounds")
     t = alternate({"layerdb": layerdb_case(src[base], db, rss_pull),
-                   "skopeo+import": skopeo_import_case(src[base], bimg.ref_name, work / "skopeo", rss_import),
+                   "skopeo+import": skopeo_import_case(src[base], bimg.ref_name, work / "skopeo", rss_import,
+                                                       parts),
                    "buildah": buildah_case(src[base], work / "buildah")}, runs)
     rmtree(work / "buildah")
-    (work / "skopeo").mkdir(exist_ok=True)
     # The pull must store what the archive import stores: the same image id (the config digest).
     pulled_id = image_id(db, f"{src[base]}")
     want_id = "sha256:" + _config_digest(base)
@@ -189,8 +193,11 @@ def _bench(runs: int, work: Path, reg: Registry) -> list[Result]:
         Result("pull", "pull Debian+python3 from a loopback registry: layerdb pull vs skopeo copy to oci-archive "
                "+ layerdb import", lt, "skopeo+import", median(t["skopeo+import"]), 0.8,
                extra={"image": f"{len(bimg.layers)} layers, {blob_bytes / MiB:.1f} MiB of gzip blobs; {check}",
-                      "store": f"{store_size(db) / MiB:.1f} MiB"},
+                      "store": f"{store_size(db) / MiB:.1f} MiB",
+                      "the peer's parts (medians)": ", ".join(f"{k} {median(v):.3f} s" for k, v in parts.items())},
                samples=t),
+        Result("pull", "pull Debian+python3: layerdb pull vs layerdb import of skopeo's archive alone (figure only)",
+               lt, "layerdb import", median(parts["layerdb import"]), None),
         Result("pull", "pull Debian+python3 from a loopback registry: layerdb pull vs buildah pull (vfs, fresh root)",
                lt, "buildah pull", median(t["buildah"]), 0.25, samples=t),
     ]

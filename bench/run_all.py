@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Run every benchmark (issue 5's seven targets and issue 3's log/find) and print a summary.
+"""Run every benchmark (issue 5's seven targets, issue 3's log/find, issue 13's pull and
+issue 14's build) and print a summary.
 
     sudo python3 bench/images.py                       # once: build the images (root)
-    LAYERDB=/path/to/layerdb python3 bench/run_all.py  # then: all targets, about 15 min
+    LAYERDB=/path/to/layerdb python3 bench/run_all.py  # then: all targets, about 25 min
     python3 bench/run_all.py --only import,memory --runs 5 --json > results.jsonl
     python3 bench/run_all.py --markdown                # the README's results table
 """
@@ -16,12 +17,15 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_build  # noqa: E402
 import bench_export  # noqa: E402
 import bench_import  # noqa: E402
 import bench_log_find  # noqa: E402
 import bench_lookup_depth  # noqa: E402
 import bench_memory  # noqa: E402
+import bench_pull  # noqa: E402
 import bench_startup  # noqa: E402
+import bench_gunzip  # noqa: E402
 import bench_store_size  # noqa: E402
 import bench_subfile_dedup  # noqa: E402
 from common import Result, capture, code_fingerprint, fmt, layerdb_cmd, log, machine, parser, report  # noqa: E402
@@ -33,8 +37,11 @@ BENCHES = {
     "lookup_depth": bench_lookup_depth.run_bench,
     "log_find": bench_log_find.run_bench,
     "startup": bench_startup.run_bench,
+    "gunzip": bench_gunzip.run_bench,
     "memory": bench_memory.run_bench,
     "export": bench_export.run_bench,
+    "pull": bench_pull.run_bench,
+    "build": bench_build.run_bench,
 }
 
 
