@@ -41,10 +41,19 @@ def _build_arg(ctx, param, values):
 @click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True,
               help="The network of RUN steps.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@click.option("--pull/--no-pull", "pull", default=True, show_default=True,
+              help="Pull a FROM image that is not in the store (buildah's pull policy 'missing').")
+@click.option("--creds", metavar="USER[:PASSWORD]", help="Credentials for pulling FROM images.")
+@click.option("--authfile", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Credentials file (auth.json / config.json), as for pull.")
+@click.option("--cert-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="*.crt files are trusted CAs; *.cert + *.key a client certificate.")
+@click.option("--tls-verify", "tls_verify", default="true", metavar="BOOL", show_default=True,
+              help="Verify TLS when pulling; --tls-verify=false allows plain HTTP and unverified TLS.")
 @json_option
 @click.pass_context
 def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, quiet,
-          as_json):
+          pull, creds, authfile, cert_dir, tls_verify, as_json):
     """Build an image from a Dockerfile, RUN steps included."""
     db = open_db(ctx)
     verbose = ctx.find_root().params.get("verbose") or 0
@@ -59,7 +68,8 @@ def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile,
             click.echo(text, err=True)
 
     res = db.build(context, dockerfile, list(tags), build_args, target, no_cache, timestamp, network,
-                   progress=progress)
+                   progress=progress, pull=pull, creds=creds, authfile=authfile, cert_dir=cert_dir,
+                   tls_verify=tls_verify.lower() not in ("false", "0", "no"))
     if iidfile:
         with open(iidfile, "w") as f:
             f.write(res.id)

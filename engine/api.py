@@ -420,11 +420,16 @@ class LayerDB(Reader):
     def build(self, context: str, dockerfile: str | None = None, tags: list[str] | None = None,
               build_args: dict[str, str] | None = None, target: str | None = None, no_cache: bool = False,
               timestamp: int | None = None, network: str = "host", cache_dir: str | None = None,
-              progress: Callable[[str, str], None] | None = None):
+              progress: Callable[[str, str], None] | None = None, pull: bool = False, creds: str | None = None,
+              authfile: str | None = None, tls_verify: bool = True, cert_dir: str | None = None):
         """Build an image from a Dockerfile; returns a build.builder.BuildResult.
-        progress(kind, text) gets the step lines, cache decisions and RUN output."""
+        progress(kind, text) gets the step lines, cache decisions and RUN output.
+        pull=True: a FROM image that is not stored is pulled, with the registry
+        options of `pull` (the CLI's default, as buildah's); else it is refused."""
         from .build.builder import BuildOptions, Builder
+        from .registry import auth
 
         opts = BuildOptions(context, dockerfile, list(tags or []), dict(build_args or {}), target, no_cache,
-                            timestamp, network, cache_dir)
+                            timestamp, network, cache_dir,
+                            auth.options(creds, authfile, tls_verify, cert_dir) if pull else None)
         return Builder(self.store, self.content, opts, progress).build()

@@ -594,3 +594,26 @@ def test_per_host_certs_d_directory(regs, store, tmp_path, monkeypatch):
     (d / "client.key").write_text("x")
     r = _pull(store, ref, "--creds", f"{R.USER}:{R.PASSWORD}")
     assert r.exit_code == 2 and "client.key has no matching .cert" in r.stderr
+
+
+def test_build_pulls_a_from_image_it_lacks(regs, store, tmp_path):
+    """FROM an image the store lacks pulls it first (buildah's pull policy
+    'missing'); --no-pull refuses with one line and leaves the store alone."""
+    ref = R.seed(regs["plain"], f"oci-archive:{SAMPLE}", "fx/buildbase:1")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {ref}\nCOPY hello.txt /hello.txt\n")
+    (ctx / "hello.txt").write_bytes(b"built on a pulled base\n")
+    r = run_cli("build", "--no-pull", "-t", "b:1", str(ctx), db_path=store)
+    assert r.exit_code != 0 and "no such image in the store" in r.output
+    with _db(store) as db:
+        assert db.images() == []
+    r = run_cli("build", *INSECURE, "-t", "b:1", str(ctx), db_path=store)
+    assert r.exit_code == 0, r.output
+    with _db(store) as db:
+        ids = {tuple(i["repo_tags"]): i["id"] for i in db.images()}
+        assert ids[(ref,)] == ORACLE["sample"]["config_digest"]  # the base, pulled under its own digest
+        base = [h["diff_id"] for h in db.history(ref) if h["diff_id"]]
+        built = [h["diff_id"] for h in db.history("b:1") if h["diff_id"]]
+        assert built[1:] == base and len(built) == len(base) + 1  # history is newest first
+        assert b"".join(db.cat("b:1", "/hello.txt")) == b"built on a pulled base\n"

@@ -94,6 +94,9 @@ class BuildOptions:
     timestamp: int | None = None  # --timestamp / SOURCE_DATE_EPOCH
     network: str = "host"
     cache_dir: str | None = None  # materialised layers for RUN; default $XDG_CACHE_HOME/layerdb
+    # FROM of an image not in the store pulls it (buildah's pull policy "missing"),
+    # with these registry options (engine/registry/auth.options); None: never pull.
+    registry: object | None = None
 
 
 @dataclass
@@ -255,12 +258,15 @@ class Builder:
         return n if ins is None else n + 1 + stage.instructions.index(ins)
 
     def _from_image(self, st: StageState, frm: df.From, image: str) -> None:
+        r = self._stored_image(image)
+        if r is None and self.opts.registry is not None:
+            from ..registry.pull import pull
+
+            self.say("step", f"Pulling {image}")
+            pulled = pull(self.store, self.content, image, self.opts.registry)
+            r = self._stored_image(pulled.images[0]["id"])
         with self.store.read():
-            try:
-                r = refs.resolve(self.store, image)
-            except NotFound:
-                r = None
-            if r is None or r.image_rowid is None or r.container:
+            if r is None:
                 raise BuildError(f"{self.df.path}:{frm.line}: FROM {image}: no such image in the store"
                                  " (import or pull it first)")
             cfg = json.loads(self.store.scalar("SELECT config FROM image WHERE id = ?", (r.image_rowid,)))
@@ -271,6 +277,14 @@ class Builder:
         st.cfg.setdefault("history", [])
         st.key = _sha(["image", r.image_digest])
         st.parent_id = r.image_digest
+
+    def _stored_image(self, image: str):
+        with self.store.read():
+            try:
+                r = refs.resolve(self.store, image)
+            except NotFound:
+                return None
+        return None if r.image_rowid is None or r.container else r
 
     # One instruction -------------------------------------------------------------------
 
