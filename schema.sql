@@ -227,3 +227,10 @@ CREATE TABLE build_cache (
     used    TEXT NOT NULL
 );
 CREATE INDEX build_cache_by_step ON build_cache(parent, step);
+
+-- @version 4: per-entry content tags ------------------------------------------------
+-- For each tar entry with a payload, in seq order, the first 8 bytes of the sha256 of
+-- the bytes it held at import: a blob of concatenated tags (engine/upkeep/deep.py).
+-- The diff_id alone vouches for the layer; the tags let fsck --deep name the entry
+-- whose content changed.  NULL for diffs imported before version 4 and for containers.
+ALTER TABLE diff ADD COLUMN digests INTEGER REFERENCES blob(id);

@@ -67,9 +67,11 @@ def fsck(ctx, deep, as_json):
       its stored event, field by field (path, type, mode with the setuid,
       setgid and sticky bits, uid, gid, mtime, size, symlink and hard-link
       targets, device numbers, xattrs; whiteouts, opaque markers and implied
-      parents too), and no event may be one the tar does not hold.  A file
-      given another content of its size changes only the layer's sha256, so
-      that finding names the layer, not the file.  Containers have no tar:
+      parents too), each file's content the one it held at import (8 bytes
+      of its sha256 are kept per tar entry), and no event may be one the tar
+      does not hold.  (A layer imported before schema version 4 has no such
+      tags: a file given another content of its size is then named by its
+      layer only.)  Containers have no tar:
       their writes must be well formed and, replayed over their image, find
       directories as parents and files as hard-link targets.  A second pass
       that decompresses and parses everything: about 2 s of CPU in all for
@@ -116,7 +118,8 @@ STATS_ROWS = [
     ("logical bytes", "logical_bytes", "size"), ("logical file bytes", "logical_file_bytes", "size"),
     ("stored diffs' tar bytes", "tar_bytes", "size"), ("unique content bytes", "content_raw_bytes", "size"),
     ("stored bytes (all chunks)", "stored_bytes", "size"), ("stored content bytes", "content_stored_bytes", "size"),
-    ("framing bytes", "framing_bytes", "size"), ("stored framing bytes", "framing_stored_bytes", "size"),
+    ("framing bytes", "framing_bytes", "size"), ("content tag bytes", "tag_bytes", "size"),
+    ("stored framing bytes", "framing_stored_bytes", "size"),
     ("database file", "db_bytes", "size"), ("dedup ratio", "dedup_ratio", "x"),
     ("compression ratio", "compression_ratio", "x"), ("logical / stored", "overall_ratio", "x"),
     ("framing share", "framing_share", "%"), ("framing bytes per entry", "framing_bytes_per_entry", None),

@@ -87,17 +87,23 @@ class ContentStore:
         row = self.conn.execute("SELECT id FROM blob WHERE sha256 = ?", (sha,)).fetchone()
         return None if row is None else row[0]
 
-    def add(self, pieces: Iterable[bytes], size: int) -> int:
-        """Store a content given as pieces of `size` bytes in all; return its blob id."""
+    def add(self, pieces: Iterable[bytes], size: int) -> tuple[int, bytes]:
+        """Store a content given as pieces of `size` bytes in all; return its
+        blob id and sha256 (import keeps a tag of the sha256 per tar entry)."""
         if size <= SMALL:
-            return self.add_small(b"".join(pieces))
+            data = b"".join(pieces)
+            sha = _sha256(data).digest()
+            return self._add_small(data, sha, "data"), sha
         w = self.writer()
         for p in pieces:
             w.write(p)
-        return w.close()
+        bid = w.close()
+        return bid, w.sha
 
     def add_small(self, data: bytes, kind: str = "data") -> int:
-        sha = _sha256(data).digest()
+        return self._add_small(data, _sha256(data).digest(), kind)
+
+    def _add_small(self, data: bytes, sha: bytes, kind: str) -> int:
         bid = self.blob_id(sha)
         if bid is not None:
             return bid
@@ -306,10 +312,10 @@ class BlobWriter:
         del self.buf[:end]
 
     def close(self) -> int:
+        self.sha = sha = self.whole.digest()
         if not self.cdc:
-            return self.cs.add_small(bytes(self.buf), self.kind)
+            return self.cs._add_small(bytes(self.buf), sha, self.kind)
         self._cut(final=True)
-        sha = self.whole.digest()
         bid = self.cs.blob_id(sha)
         if bid is None:
             bid = self.cs._alloc()

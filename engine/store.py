@@ -11,7 +11,7 @@ import apsw
 
 from .errors import SchemaTooNew, StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Pragmas, chosen on purpose:
 # - WAL: readers never block the importer and the importer never blocks
@@ -105,7 +105,7 @@ class Store:
             self._migrate()
 
     def _migrate(self) -> None:
-        """Bring an older store to SCHEMA_VERSION in place: new tables only, so
+        """Bring an older store to SCHEMA_VERSION in place: new tables and columns only, so
         nothing existing is rewritten, and all of it or nothing (one transaction)."""
         with self.write():
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it

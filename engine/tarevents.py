@@ -22,6 +22,9 @@ from .tarstream import TarEntry
 WH = b".wh."
 OPQ = b".wh..wh..opq"
 MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
+# Bytes of a payload's sha256 kept per tar entry (diff.digests): enough to name the
+# entry whose content changed; the diff_id, a whole sha256, is what vouches for it.
+TAG_SIZE = 8
 
 
 def normalize(name: bytes) -> bytes:

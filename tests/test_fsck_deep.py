@@ -327,19 +327,44 @@ def test_an_event_the_tar_does_not_hold_is_named(rich, tmp_path, case):
     assert f"event {seq} of {rich.diff_ids[pos - 1]}" == f["object"]
 
 
-def test_a_content_swapped_for_one_of_the_same_size(rich, tmp_path):
-    """A file's event pointed at another stored content of its size: every header
-    still agrees, the plain checks see intact contents, and only the layer tar's
-    sha256 changes.  The store keeps no digest per entry besides the content it
-    names, so the diff, its layer and image are named, not the path."""
-    p = _copy(rich, tmp_path)
+def _swap_content(fx: Fixture, tmp_path: Path, path: str = "cfg/a") -> tuple[Path, str]:
+    """Point a file's event at another stored content of its size: every header
+    still agrees and the plain checks see intact contents.  Returns the store
+    and the sha256 of the content the tar held."""
+    p = _copy(fx, tmp_path)
     conn = apsw.Connection(str(p))
-    key = _key(conn, rich, "cfg/a", "put", 1)
-    (size,) = conn.execute("SELECT size FROM event WHERE " + EV, key).fetchone()
+    key = _key(conn, fx, path, "put", 1)
+    size, sha = conn.execute("SELECT b.size, b.sha256 FROM event e JOIN blob b ON b.id = e.blob_id WHERE "
+                             + EV.replace("diff_id", "e.diff_id").replace("kind", "e.kind").replace("seq", "e.seq"),
+                             key).fetchone()
     other = conn.execute("SELECT b.id FROM blob b WHERE b.size = ? AND b.id != (SELECT blob_id FROM event WHERE "
                          + EV + ")", (size, *key)).fetchone()
     assert other is not None, "the fixture holds two contents of the same size"
     conn.execute("UPDATE event SET blob_id = ? WHERE " + EV, (other[0], *key))
+    conn.close()
+    return p, sha.hex()
+
+
+def test_a_content_swapped_for_one_of_the_same_size_is_named(rich, tmp_path):
+    p, sha = _swap_content(rich, tmp_path)
+    assert _fsck(p)[0].exit_code == 0
+    r, findings = _fsck(p, "--deep")
+    assert r.exit_code == 6
+    f = _check_named(findings, rich, 1, "/cfg/a", f"its tar entry held a content whose sha256 starts {sha[:16]}")
+    assert f["check"] == "event"
+    # The layer's own sha256 no longer matches either: that finding names the layer.
+    (t,) = [f for f in findings if f["check"] == "layer-tar"]
+    assert t["diff_id"] == rich.diff_ids[0] and "hashing to the diff_id" in t["problem"]
+    assert t["layers"] == rich.layer(1) and t["images"] == [rich.image]
+    assert len(findings) == 2, findings
+
+
+def test_a_store_from_before_content_tags_names_the_layer(rich, tmp_path):
+    """A diff imported before schema version 4 has no tags (digests NULL): the
+    swap is still caught, by the diff_id, which names the layer only."""
+    p, _ = _swap_content(rich, tmp_path)
+    conn = apsw.Connection(str(p))
+    conn.execute("UPDATE diff SET digests = NULL")
     conn.close()
     assert _fsck(p)[0].exit_code == 0
     r, findings = _fsck(p, "--deep")
@@ -348,6 +373,51 @@ def test_a_content_swapped_for_one_of_the_same_size(rich, tmp_path):
     assert f["check"] == "layer-tar" and f["diff_id"] == rich.diff_ids[0]
     assert "every entry agrees with its event" in f["problem"]
     assert f["layers"] == rich.layer(1) and f["images"] == [rich.image]
+
+
+def test_the_content_tags_are_the_tar_entries_sha256(rich, tmp_path):
+    """Checked against tarfile and hashlib reading each layer tar (picked out of
+    `save`'s archive by its sha256, so these are the imported bytes): the tags
+    blob is sha256(payload)[:8] of each regular file, in tar order."""
+    import hashlib
+
+    from layerdb.engine.chunks import SqliteChunkStore
+    from layerdb.engine.content import ContentStore
+
+    r = run_cli("save", "-o", str(tmp_path / "s.tar"), "localhost/opaque:1.0", db_path=rich.store)
+    assert r.exit_code == 0, r.output
+    want = {}
+    with tarfile.open(tmp_path / "s.tar") as outer:
+        for m in outer.getmembers():
+            if not m.isfile():
+                continue
+            data = outer.extractfile(m).read()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            if digest in rich.diff_ids:
+                with tarfile.open(fileobj=io.BytesIO(data)) as t:
+                    want[digest] = b"".join(hashlib.sha256(t.extractfile(e).read()).digest()[:8]
+                                            for e in t.getmembers() if e.isreg())
+    assert sorted(want) == sorted(rich.diff_ids)
+    conn = apsw.Connection(str(_copy(rich, tmp_path)))
+    content = ContentStore(conn, SqliteChunkStore(conn))
+    for pos, diff_id in enumerate(rich.diff_ids, 1):
+        (bid,) = conn.execute("SELECT digests FROM diff WHERE id = ?", (_diff_rowid(conn, rich, pos),)).fetchone()
+        assert bid is not None
+        assert b"".join(content.iter_blob(bid)) == want[diff_id], pos
+    conn.close()
+
+
+def test_damaged_content_tags_are_found(rich, tmp_path):
+    p = _copy(rich, tmp_path)
+    conn = apsw.Connection(str(p))
+    d = _diff_rowid(conn, rich, 1)
+    (bid,) = conn.execute("SELECT digests FROM diff WHERE id = ?", (d,)).fetchone()
+    conn.execute("DELETE FROM blob WHERE id = ?", (bid,))
+    conn.close()
+    r, findings = _fsck(p)
+    assert r.exit_code == 6
+    (f,) = findings
+    assert f["diff_id"] == rich.diff_ids[0] and f"its content tags (blob row {bid}) are missing" in f["problem"]
 
 
 def test_a_missing_content_leaves_the_headers_checked(rich, tmp_path):

@@ -229,18 +229,25 @@ def test_version_1_store_is_migrated_in_place(tmp_path):
     conn.execute("ATTACH ? AS s", (str(staging),))
     with conn:
         for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall():
-            conn.execute(f'INSERT INTO main."{name}" SELECT * FROM s."{name}"')
+            cols = ", ".join(f'"{c[1]}"' for c in conn.execute(f'PRAGMA main.table_info("{name}")'))
+            conn.execute(f'INSERT INTO main."{name}" SELECT {cols} FROM s."{name}"')
     conn.execute("DETACH s")
     conn.close()
     before = store_dump(path)
     with LayerDB(path) as db:
-        assert db.store.scalar("PRAGMA user_version") == SCHEMA_VERSION == 3
+        assert db.store.scalar("PRAGMA user_version") == SCHEMA_VERSION == 4
         tables = {n for (n,) in db.store.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
         assert {"manifest", "manifest_layer", "manifest_child", "seen", "build_cache"} <= tables
         assert [i["repo_tags"] for i in db.images()] == [["sample2:1.0"]]
     after = dict(store_dump(path))
     for name, rows in before:
-        assert after[name] == rows  # nothing that was there changed
+        # Nothing that was there changed; version 4 adds diff.digests, NULL for old diffs.
+        assert [r[:len(rows[0])] if name == "diff" else r for r in after[name]] == rows
+        if name == "diff":
+            assert {r[len(rows[0]):] for r in after[name]} == {(None,)}
+    # An old store reads and checks as it did: fsck --deep without content tags.
+    with LayerDB(path) as db:
+        assert list(db.fsck(deep=True).findings()) == []
     # The migrated schema is the one a new store gets.
     fresh = tmp_path / "fresh.sqlite"
     LayerDB(fresh).close()

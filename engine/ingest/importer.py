@@ -17,7 +17,7 @@ from .archive import Archive, ImageSource, LayerSource, LayerStream
 from ..content import ContentStore
 from ..errors import LayerFormatError, UsageError
 from ..store import Store
-from ..tarevents import Parents, event_of
+from ..tarevents import TAG_SIZE, Parents, event_of
 from ..tarstream import TarReader
 
 log = get_logger("layerdb.import")
@@ -231,6 +231,9 @@ class Importer:
         )
         reader = TarReader(stream)
         framing = self.content.writer("framing")  # streamed: a big layer's headers never sit in memory
+        # 8 bytes of each payload's sha256, in entry order: fsck --deep names the
+        # entry whose content no longer matches (schema.sql, version 4).
+        tags = self.content.writer("framing")
         rows: list[tuple] = []
         # Parents the tar never names become implied directories (tarevents.Parents).
         parents = Parents()
@@ -246,7 +249,8 @@ class Importer:
             ev = event_of(e)
             blob_id = None
             if e.type == "f":
-                blob_id = self.content.add(reader.payload(), e.size)
+                blob_id, sha = self.content.add(reader.payload(), e.size)
+                tags.write(sha[:TAG_SIZE])
                 file_bytes += e.size
             parents.add(ev)
             target_id = None if ev.target is None else self._pid(ev.target)
@@ -272,10 +276,11 @@ class Importer:
         stream.drain()
         stream.verify(src, what)
         fb_id = framing.close()
+        tags_id = tags.close()
         self.content.end_packs()
         self.store.execute(
-            "UPDATE diff SET tar_size = ?, file_bytes = ?, entries = ?, framing = ? WHERE id = ?",
-            (stream.tar.count, file_bytes, entries, fb_id, diff_rowid),
+            "UPDATE diff SET tar_size = ?, file_bytes = ?, entries = ?, framing = ?, digests = ? WHERE id = ?",
+            (stream.tar.count, file_bytes, entries, fb_id, tags_id, diff_rowid),
         )
         if progress:
             progress("layer", stream.raw.count, blob_size)

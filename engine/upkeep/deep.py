@@ -40,14 +40,14 @@ from ..paths import ancestors, parse_path, show_path
 from ..refs import chain_of
 from ..replay import View, decided_events
 from ..store import Store
-from ..tarevents import Parents, TarEvent, event_of
+from ..tarevents import TAG_SIZE, Parents, TarEvent, event_of
 from ..tarstream import TarReader
 
 # A stored event's columns, in the order of TarEvent's fields after its path.
 FIELDS = ("type", "mode", "uid", "gid", "mtime", "size", "link", "hard-link target", "devmajor", "devminor",
           "xattrs")
 EVENTS = """SELECT e.seq, e.kind, p.path, e.type, e.mode, e.uid, e.gid, e.mtime, e.size, e.link, t.path,
-                   e.devmajor, e.devminor, e.xattrs, e.blob_id, b.size, b.chunk, b.offset, e.target_id
+                   e.devmajor, e.devminor, e.xattrs, e.blob_id, b.size, b.chunk, b.offset, e.target_id, b.sha256
             FROM event e LEFT JOIN path p ON p.id = e.path_id LEFT JOIN path t ON t.id = e.target_id
                  LEFT JOIN blob b ON b.id = e.blob_id
             WHERE e.diff_id = ? AND e.kind = ? AND typeof(e.seq) = 'integer' ORDER BY e.seq"""
@@ -142,6 +142,28 @@ class _Feed:
         return b
 
 
+class _Tags:
+    """The TAG_SIZE-byte tags of a diff.digests blob, across chunk borders."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = chunks
+        self.buf = b""
+        self.pos = 0
+
+    def next(self) -> bytes | None:
+        while len(self.buf) - self.pos < TAG_SIZE:
+            c = next(self.chunks, None)
+            if c is None:
+                return None
+            self.buf, self.pos = self.buf[self.pos :] + c, 0
+        t = self.buf[self.pos : self.pos + TAG_SIZE]
+        self.pos += TAG_SIZE
+        return t
+
+    def more(self) -> bool:
+        return self.pos < len(self.buf) or any(self.chunks)
+
+
 class TarCheck:
     """Checks imported diffs one at a time; `entries` counts the tar entries read."""
 
@@ -150,13 +172,18 @@ class TarCheck:
         self.content = content
         self.entries = 0
 
-    def diff(self, rowid: int, diff_id: str, entries: int, tar_size: int, framing: int | None) -> Iterator[Problem]:
+    def diff(self, rowid: int, diff_id: str, entries: int, tar_size: int, framing: int | None,
+             digests: int | None = None) -> Iterator[Problem]:
         def tar(text: str) -> Problem:
             return Problem("layer-tar", diff_id, f"layer {diff_id} {text}")
 
         if framing is None:
             yield tar(f"cannot be rebuilt: diff {rowid} has no framing")
             return
+        # Diffs imported before schema version 4 have no tags: a swapped content
+        # is then caught by the diff_id alone, which names the layer only.
+        tags = None if digests is None else _Tags(self.content.iter_blob(digests))
+        payloads = 0  # entries with a payload so far: the index of the next tag
         feed = _Feed(FramingRecords(self.content.iter_blob(framing)))
         reader = TarReader(feed)  # type: ignore[arg-type]  (a stream is anything with read)
         faults = 0  # event problems in this diff
@@ -201,6 +228,12 @@ class TarCheck:
                     unreadable.append(f"entry {n} has no event")
                 if e.type == "f":
                     feed.payload = self._payload(n, ev, e.size, here, unreadable)
+                    if tags is not None:
+                        p = self._tag(diff_id, n, ev, here, tags.next(), payloads)
+                        payloads += 1
+                        if p is not None:
+                            faults += 1
+                            yield p
             n = reader.entries
         except LayerFormatError as err:
             yield tar(f"cannot be rebuilt: its framing does not read as a tar after entry {n}: {err.message}")
@@ -209,6 +242,8 @@ class TarCheck:
             yield tar(f"cannot be rebuilt: {err.message}")
             return
         self.entries += n
+        if tags is not None and tags.more():
+            yield tar(f"has content tags for more than its {payloads} files: the store is damaged")
         while nxt is not None:
             faults += 1
             yield self._extra(diff_id, nxt, f"the tar has {n} entries")
@@ -229,6 +264,27 @@ class TarCheck:
                       f" diff_id: the store is damaged{why}")
 
     # Entries ------------------------------------------------------------------
+
+    def _tag(self, diff_id: str, n: int, ev: TarEvent | None, here: list, tag: bytes | None,
+             k: int) -> Problem | None:
+        """Entry n's content against the tag import kept of the bytes it held."""
+        where = f"entry {n} of {diff_id}"
+        if tag is None:
+            return Problem("event", where, f"the diff's content tags end before its file number {k + 1}",
+                           None if ev is None else ev.path)
+        rows = [r for r in here if r[14] is not None]
+        if ev is not None:
+            rows.sort(key=lambda r: r[1] != ev.kind)
+        if not rows or rows[0][19] is None:
+            return None  # no content, or a missing one: _payload reports it
+        have = rows[0][19]
+        if have[:TAG_SIZE] == tag:
+            return None
+        path = ev.path if ev is not None else rows[0][2]
+        return Problem("event", f"event {rows[0][0]} of {diff_id}",
+                       f"{_kind(rows[0][1])} of {_path(path)} names content sha256:{have.hex()[:16]}..., but its"
+                       f" tar entry held a content whose sha256 starts {tag.hex()}: the event was changed after"
+                       " import", path if isinstance(path, bytes) else None)
 
     def _extra(self, diff_id: str, r, why: str) -> Problem:
         return Problem("event", f"event {r[0]} of {diff_id}", f"is {_what(r[1], r[2])}, which the tar does not"

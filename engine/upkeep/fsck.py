@@ -10,7 +10,8 @@ Checks, cheapest first:
            sha256(chain_id(n-1) + " " + diff_id(n))
   images   sha256(config) is the image id; rootfs.diff_ids is the chain
   tags     name an existing image
-  diffs    have a framing blob; their events number their tar entries
+  diffs    have a framing blob and content tags for their files; their events
+           number their tar entries
   events   name an existing diff, path, link target and blob of their size
   contents every chunk exists, decompresses and hashes to its name; a packed
            content hashes to its sha256 where it lies in its pack (each
@@ -18,8 +19,9 @@ Checks, cheapest first:
            and sha256
   --deep   (engine/upkeep/deep.py) every layer tar is rebuilt from the store,
            hashes to its diff_id, and is read as import reads it: each entry
-           must be its stored event, field by field, and no event may be one
-           the tar does not hold (but its implied parents); each container's
+           must be its stored event, field by field, each file's content the
+           one its tag says it held at import, and no event may be one the
+           tar does not hold (but its implied parents); each container's
            log is well formed and resolves over its image
 """
 
@@ -34,6 +36,7 @@ from ..content import ContentStore
 from ..errors import CorruptStore
 from ..kinds import IGNORED, IMPLIED
 from ..store import Store
+from ..tarevents import TAG_SIZE
 from .deep import ContainerCheck, TarCheck
 
 
@@ -226,10 +229,13 @@ class Fsck:
     # Diffs and events -----------------------------------------------------------
 
     def _diffs(self) -> Iterator[Finding]:
-        for rowid, diff_id, entries, file_bytes, framing, has_framing, n, distinct, payload in self.store.execute(
+        for (rowid, diff_id, entries, file_bytes, framing, has_framing, n, distinct, payload, digests, tags_size,
+             files) in self.store.execute(
             """SELECT d.id, d.diff_id, d.entries, d.file_bytes, d.framing,
                       EXISTS (SELECT 1 FROM blob b WHERE b.id = d.framing),
-                      count(e.seq), count(DISTINCT e.seq), coalesce(sum(CASE WHEN e.type = 'f' THEN e.size END), 0)
+                      count(e.seq), count(DISTINCT e.seq), coalesce(sum(CASE WHEN e.type = 'f' THEN e.size END), 0),
+                      d.digests, (SELECT b.size FROM blob b WHERE b.id = d.digests),
+                      count(CASE WHEN e.type = 'f' THEN 1 END)
                FROM diff d LEFT JOIN event e ON e.diff_id = d.id AND e.kind != ? AND e.seq < d.entries
                WHERE d.container = 0  -- a container's diff is a log of writes, not a tar
                GROUP BY d.id ORDER BY d.id""",
@@ -240,6 +246,10 @@ class Fsck:
                 problems.append("has no tar framing, so its layer tar cannot be rebuilt")
             elif not has_framing:
                 problems.append(f"its tar framing (blob row {framing}) is missing")
+            if digests is not None and tags_size is None:
+                problems.append(f"its content tags (blob row {digests}) are missing")
+            elif digests is not None and tags_size != files * TAG_SIZE:
+                problems.append(f"its content tags cover {tags_size // TAG_SIZE} files, it has {files}")
             if n != entries or distinct != entries:
                 problems.append(f"the tar had {entries} entries but {distinct} are stored")
             if payload != file_bytes:
@@ -363,11 +373,11 @@ class Fsck:
 
     def _layer_tars(self) -> Iterator[Finding]:
         tars = TarCheck(self.store, self.content)
-        for rowid, diff_id, entries, tar_size, framing in self.store.execute(
-            "SELECT id, diff_id, entries, tar_size, framing FROM diff WHERE container = 0 ORDER BY id"
+        for rowid, diff_id, entries, tar_size, framing, digests in self.store.execute(
+            "SELECT id, diff_id, entries, tar_size, framing, digests FROM diff WHERE container = 0 ORDER BY id"
         ).fetchall():
             self.counts["layer_tars"] += 1
-            for p in tars.diff(rowid, diff_id, entries, tar_size, framing):
+            for p in tars.diff(rowid, diff_id, entries, tar_size, framing, digests):
                 yield self._finding(p.check, p.obj, p.text, self.blame_diff(rowid), diff_id, p.path)
         self.counts["tar_entries"] = tars.entries
         logs = ContainerCheck(self.store)

@@ -7,7 +7,7 @@ git keeps unreachable commits) until `gc` deletes it, top-down:
 
   layers   that no image's chain runs through
   diffs    that no layer uses (their events go with them)
-  blobs    that no event and no diff's framing names
+  blobs    that no event and no diff's framing or content tags name
   chunks   that no remaining blob names (through the chunk store's interface,
            so a second backend is collected the same way)
   paths    that no event names
@@ -115,7 +115,8 @@ WITH RECURSIVE live(id) AS (
 _DEAD_BLOBS = """
 SELECT b.id, b.chunk FROM blob b
 WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.blob_id = b.id)
-  AND b.id NOT IN (SELECT framing FROM diff WHERE framing IS NOT NULL)"""
+  AND b.id NOT IN (SELECT framing FROM diff WHERE framing IS NOT NULL)
+  AND b.id NOT IN (SELECT digests FROM diff WHERE digests IS NOT NULL)"""
 
 
 def collect(store: Store, chunks: ChunkStore) -> GcResult:
