@@ -151,14 +151,17 @@ class _Tags:
         self.pos = 0
 
     def next(self) -> bytes | None:
-        while len(self.buf) - self.pos < TAG_SIZE:
-            c = next(self.chunks, None)
-            if c is None:
-                return None
-            self.buf, self.pos = self.buf[self.pos :] + c, 0
-        t = self.buf[self.pos : self.pos + TAG_SIZE]
-        self.pos += TAG_SIZE
-        return t
+        pos = self.pos
+        end = pos + TAG_SIZE
+        if end > len(self.buf):
+            while len(self.buf) - self.pos < TAG_SIZE:
+                c = next(self.chunks, None)
+                if c is None:
+                    return None
+                self.buf, self.pos = self.buf[self.pos :] + c, 0
+            pos, end = 0, TAG_SIZE
+        self.pos = end
+        return self.buf[pos:end]
 
     def more(self) -> bool:
         return self.pos < len(self.buf) or any(self.chunks)
@@ -229,11 +232,14 @@ class TarCheck:
                 if e.type == "f":
                     feed.payload = self._payload(n, ev, e.size, here, unreadable)
                     if tags is not None:
-                        p = self._tag(diff_id, n, ev, here, tags.next(), payloads)
+                        tag = tags.next()
                         payloads += 1
-                        if p is not None:
-                            faults += 1
-                            yield p
+                        # The usual case, one event holding the content it held: no call.
+                        if len(here) != 1 or tag is None or here[0][19] is None or here[0][19][:TAG_SIZE] != tag:
+                            p = self._tag(diff_id, n, ev, here, tag, payloads - 1)
+                            if p is not None:
+                                faults += 1
+                                yield p
             n = reader.entries
         except LayerFormatError as err:
             yield tar(f"cannot be rebuilt: its framing does not read as a tar after entry {n}: {err.message}")
