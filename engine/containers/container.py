@@ -43,7 +43,7 @@ from .. import refs
 from ..content import ContentStore
 from ..errors import NoSuchPath, NotFound, PathError, UsageError
 from ..ingest.importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
-from ..paths import ancestors, join, parent
+from ..paths import ancestors, join, parent, show_path as show
 from ..replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events, event_count
 from ..store import Store
 
@@ -67,10 +67,6 @@ _INSERT = (
     "INSERT INTO event(diff_id, kind, seq, path_id, type, mode, uid, gid, mtime, size, blob_id, link, target_id,"
     " devmajor, devminor, xattrs, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def show(path: bytes) -> str:
-    return "/" + path.decode("utf-8", "surrogateescape")
 
 
 def split(path: str | bytes) -> list[bytes]:
