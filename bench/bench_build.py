@@ -92,8 +92,12 @@ class LayerdbSide:
         shutil.copy(self.tmpl, self.db)
         if self.layers.is_dir():
             for n in os.listdir(self.layers):
-                if not (keep_base and n in self.base_entries):
+                if keep_base and n.removesuffix(".size") in self.base_entries:
+                    continue
+                if (self.layers / n).is_dir():
                     rmtree(self.layers / n)
+                else:  # a layer's size record, the cache's lock file
+                    (self.layers / n).unlink()
 
     def build(self, ctx: Path, *extra: str) -> tuple[float, str]:
         iid = self.work / "iid"

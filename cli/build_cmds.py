@@ -26,6 +26,18 @@ def _build_arg(ctx, param, values):
     return out
 
 
+def _secret(ctx, param, values):
+    out = {}
+    for v in values:
+        fields = dict(f.partition("=")[::2] for f in v.split(","))
+        src = fields.get("src") or fields.get("source")
+        if not fields.get("id") or not src or set(fields) - {"id", "src", "source", "type"} \
+                or fields.get("type", "file") != "file":
+            raise click.BadParameter(f"{v!r}: expected id=ID,src=FILE", ctx, param)
+        out[fields["id"]] = src
+    return out
+
+
 @cli.command()
 @click.argument("context", type=click.Path(exists=True, file_okay=False))
 @click.option("-f", "--file", "dockerfile", type=click.Path(dir_okay=False),
@@ -40,6 +52,10 @@ def _build_arg(ctx, param, values):
               help="Created times and file times of new layers (reproducible builds; default $SOURCE_DATE_EPOCH).")
 @click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True,
               help="The network of RUN steps.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=FILE", callback=_secret,
+              help="A file RUN --mount=type=secret,id=ID can read; never stored (repeatable).")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+              help="The image's platform (default: this machine's); FROM picks that image of an index.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
 @click.option("--pull/--no-pull", "pull", default=True, show_default=True,
               help="Pull a FROM image that is not in the store (buildah's pull policy 'missing').")
@@ -52,8 +68,8 @@ def _build_arg(ctx, param, values):
               help="Verify TLS when pulling; --tls-verify=false allows plain HTTP and unverified TLS.")
 @json_option
 @click.pass_context
-def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, quiet,
-          pull, creds, authfile, cert_dir, tls_verify, as_json):
+def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, secrets,
+          platform, quiet, pull, creds, authfile, cert_dir, tls_verify, as_json):
     """Build an image from a Dockerfile, RUN steps included."""
     db = open_db(ctx)
     verbose = ctx.find_root().params.get("verbose") or 0
@@ -69,7 +85,7 @@ def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile,
 
     res = db.build(context, dockerfile, list(tags), build_args, target, no_cache, timestamp, network,
                    progress=progress, pull=pull, creds=creds, authfile=authfile, cert_dir=cert_dir,
-                   tls_verify=tls_verify.lower() not in ("false", "0", "no"))
+                   tls_verify=tls_verify.lower() not in ("false", "0", "no"), secrets=secrets, platform=platform)
     if iidfile:
         with open(iidfile, "w") as f:
             f.write(res.id)

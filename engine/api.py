@@ -380,8 +380,9 @@ class LayerDB(Reader):
     def pull(self, source: str, *, creds: str | None = None, authfile: str | None = None, tls_verify: bool = True,
              cert_dir: str | None = None, platform: str | None = None, all_platforms: bool = False,
              tags: list[str] | None = None, progress: Callable[[str, dict], None] | None = None):
-        """Fetch an image over the distribution API into the store (one transaction);
-        layers whose diff_id is stored are not downloaded.  Returns a registry.pull.PullResult."""
+        """Fetch an image over the distribution API into the store (a transaction a layer,
+        then one for the images: see registry/pull.py); layers whose diff_id is stored are
+        not downloaded.  Returns a registry.pull.PullResult."""
         from .registry import auth as _auth, pull as _pull
 
         opts = _auth.options(creds, authfile, tls_verify, cert_dir)
@@ -421,15 +422,19 @@ class LayerDB(Reader):
               build_args: dict[str, str] | None = None, target: str | None = None, no_cache: bool = False,
               timestamp: int | None = None, network: str = "host", cache_dir: str | None = None,
               progress: Callable[[str, str], None] | None = None, pull: bool = False, creds: str | None = None,
-              authfile: str | None = None, tls_verify: bool = True, cert_dir: str | None = None):
+              authfile: str | None = None, tls_verify: bool = True, cert_dir: str | None = None,
+              secrets: dict[str, str] | None = None, platform: str | None = None):
         """Build an image from a Dockerfile; returns a build.builder.BuildResult.
         progress(kind, text) gets the step lines, cache decisions and RUN output.
         pull=True: a FROM image that is not stored is pulled, with the registry
-        options of `pull` (the CLI's default, as buildah's); else it is refused."""
+        options of `pull` (the CLI's default, as buildah's); else it is refused.
+        secrets: id -> host file, for RUN --mount=type=secret; platform: OS/ARCH[/VARIANT]
+        of the image (default this machine's), as a FROM --platform picks one."""
         from .build.builder import BuildOptions, Builder
         from .registry import auth
 
         opts = BuildOptions(context, dockerfile, list(tags or []), dict(build_args or {}), target, no_cache,
                             timestamp, network, cache_dir,
-                            auth.options(creds, authfile, tls_verify, cert_dir) if pull else None)
+                            auth.options(creds, authfile, tls_verify, cert_dir) if pull else None,
+                            dict(secrets or {}), platform)
         return Builder(self.store, self.content, opts, progress).build()

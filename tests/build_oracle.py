@@ -27,7 +27,7 @@ def buildah_available() -> bool:
 
 
 def buildah_build(context: str, out_tar: str, build_args: dict[str, str] | None = None,
-                  dockerfile: str | None = None, timestamp: int = 0) -> None:
+                  dockerfile: str | None = None, timestamp: int = 0, extra: list[str] | None = None) -> None:
     """buildah bud --layers --format docker into a private vfs store, pushed to a docker-archive."""
     work = tempfile.mkdtemp(prefix="layerdb-oracle-")
     ba = ["buildah", "--storage-driver", "vfs", "--root", f"{work}/root", "--runroot", f"{work}/run"]
@@ -38,7 +38,11 @@ def buildah_build(context: str, out_tar: str, build_args: dict[str, str] | None 
             cmd += ["--build-arg", f"{k}={v}"]
         if dockerfile:
             cmd += ["-f", dockerfile]
-        r = subprocess.run(cmd + [context], capture_output=True, text=True)
+        cmd += list(extra or [])
+        # buildah keeps RUN --mount=type=cache directories under $TMPDIR (else /var/tmp),
+        # outside its --root: a private one keeps them from leaking between builds.
+        os.makedirs(f"{work}/tmp")
+        r = subprocess.run(cmd + [context], capture_output=True, text=True, env={**os.environ, "TMPDIR": f"{work}/tmp"})
         if r.returncode:
             raise AssertionError(f"buildah bud failed: {r.stderr.strip()[-2000:]}")
         subprocess.run(ba + ["push", "-q", "localhost/oracle:1", f"docker-archive:{out_tar}:localhost/oracle:1"],
@@ -82,8 +86,14 @@ def _empty(v) -> bool:
     return v in (None, "", [], {})
 
 
-def compare(oracle: str, mine: str, mtimes: bool = False) -> list[str]:
-    """Every difference between two image archives, one line each (empty: the same)."""
+def compare(oracle: str, mine: str, mtimes: bool = False, mount_targets: tuple[str, ...] = ()) -> list[str]:
+    """Every difference between two image archives, one line each (empty: the same).
+    mount_targets: RUN --mount targets, whose parents buildah 1.28 leaves in the layer
+    when the image lacks them (as its runtime stubs) and layerdb does not."""
+    runtime_stubs = set(RUNTIME_STUBS)
+    for t in mount_targets:
+        parts = t.strip("/").split("/")
+        runtime_stubs |= {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}
     ocfg, olayers = read_archive(oracle)
     mcfg, mlayers = read_archive(mine)
     out = []
@@ -116,7 +126,7 @@ def compare(oracle: str, mine: str, mtimes: bool = False) -> list[str]:
     oview: dict[str, tuple] = {}
     mview: dict[str, tuple] = {}
     for i, (a, b) in enumerate(zip(olayers, mlayers), 1):
-        stubs = {p for p, x in a.items() if p in RUNTIME_STUBS and p not in b and (x[0] == "d" or x[4] == 0)}
+        stubs = {p for p, x in a.items() if p in runtime_stubs and p not in b and (x[0] == "d" or x[4] == 0)}
         for p in sorted((set(a) | set(b)) - stubs):
             if _marker(p):
                 continue

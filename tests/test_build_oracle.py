@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from build_oracle import buildah_available, buildah_build, compare
+from build_oracle import buildah_available, buildah_build, compare, read_archive
 from conftest import REPO_FIXTURES
 
 pytestmark = pytest.mark.skipif(not buildah_available(), reason="needs buildah (Debian: buildah) and root")
@@ -79,10 +79,10 @@ def _context(tmp_path: Path, dockerfile: str) -> Path:
     return ctx
 
 
-def _mine(db, ctx: Path, tmp_path: Path, base: str | None) -> str:
+def _mine(db, ctx: Path, tmp_path: Path, base: str | None, **kw) -> str:
     args = {"BASE": base} if base else {}
     res = db.build(str(ctx), build_args=args, tags=["localhost/mine:1"], timestamp=0,
-                   cache_dir=str(tmp_path / "cache"))
+                   cache_dir=str(tmp_path / "cache"), **kw)
     out = tmp_path / "mine.tar"
     with open(out, "wb") as f:
         db.save(["localhost/mine:1"], f)
@@ -118,3 +118,39 @@ def test_the_comparator_sees_a_difference(db, tmp_path):
     mine, _ = _mine(db, ctx, tmp_path, "sample:1.0")
     diffs = compare(str(oracle), mine)
     assert diffs and all("top" in d or "/multi/top.txt" in d or "rel" in d for d in diffs), diffs
+
+
+MOUNTS = """\
+ARG BASE
+FROM ${BASE} AS s1
+RUN echo staged > /staged.txt && mkdir -p /opt/d && echo deep > /opt/d/f
+FROM ${BASE}
+RUN --mount=type=bind,source=app,target=/mnt/ctx cat /mnt/ctx/main.py /mnt/ctx/sub/b.txt > /out1
+RUN --mount=type=bind,from=s1,source=/opt/d,target=/mnt/st cat /mnt/st/f > /out2
+RUN --mount=type=bind,from=s1,target=/s1 cat /s1/staged.txt > /out2b && ls /s1/opt >> /out2b
+RUN --mount=type=cache,target=/var/cache/x echo c >> /var/cache/x/c && cat /var/cache/x/c > /out3
+RUN --mount=type=tmpfs,target=/tmpx echo t > /tmpx/t && ls /tmpx > /out4
+RUN --mount=type=secret,id=mysec cat /run/secrets/mysec > /out5 && ls -ln /run/secrets/mysec | cut -c1-10 >> /out5
+RUN --mount=type=bind,source=top.txt,target=/etc/top.txt cat /etc/top.txt > /out6
+"""
+MOUNT_TARGETS = ("/mnt/ctx", "/mnt/st", "/s1", "/var/cache/x", "/tmpx", "/run/secrets/mysec", "/etc/top.txt")
+
+
+def test_run_mounts_match_buildah(db, tmp_path):
+    """RUN --mount of the context, a stage, a stage's subdirectory, a cache, a tmpfs, a
+    secret and a context file: the same layers as buildah's, bar the mountpoint parents
+    buildah leaves behind (mount_targets)."""
+    db.import_archive(str(BASE))
+    ctx = _context(tmp_path, MOUNTS)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret\n")
+    oracle = tmp_path / "oracle.tar"
+    buildah_build(str(ctx), str(oracle), {"BASE": f"oci-archive:{BASE}"},
+                  extra=["--secret", f"id=mysec,src={secret}"])
+    mine, res = _mine(db, ctx, tmp_path, "sample:1.0", secrets={"mysec": str(secret)})
+    assert compare(str(oracle), mine, mount_targets=MOUNT_TARGETS) == []
+    assert b"".join(db.cat("localhost/mine:1", "/out5")) == b"s3cret\n-r--------\n"
+    assert b"".join(db.cat("localhost/mine:1", "/out2b")) == b"staged\nd\n"
+    # Nothing of the mounts is in a layer: only the file each step wrote.
+    _, layers = read_archive(mine)
+    assert [sorted(layer) for layer in layers[-7:]] == [[f"out{n}"] for n in ("1", "2", "2b", "3", "4", "5", "6")]

@@ -386,3 +386,23 @@ def test_context_walk_reincludes_below_ignored_dir(ctx):
     c = Context(str(ctx), Ignore(["app", "!app/sub/c.py"]))
     root = c.sources(".")[0]
     assert [m.rel for m in c.walk(root)] == ["", "abs", "in", "out", "top.txt", "app/sub/c.py"]
+
+
+def test_run_mount_specs_as_the_reference_defines_them():
+    from layerdb.engine.build.mounts import parse as mount
+
+    m = mount("type=bind,source=src,target=out", "/work")
+    assert (m.type, m.source, m.target, m.readonly) == ("bind", "src", "/work/out", True)  # below WORKDIR
+    assert mount("target=/x,rw", "/").readonly is False and mount("dst=/x,readwrite=true", "/").readonly is False
+    c = mount("type=cache,target=/root/.cache,sharing=locked,uid=7,mode=0700", "/")
+    assert (c.readonly, c.id, c.sharing, c.uid, c.mode) == (False, "/root/.cache", "locked", 7, 0o700)
+    s = mount("type=secret,id=tok", "/")
+    assert (s.target, s.mode, s.required, s.readonly) == ("/run/secrets/tok", 0o400, False, True)
+    assert mount("type=secret,target=/etc/key,required", "/").id == "key"
+    assert mount("type=tmpfs,target=/t,size=64m", "/").size == 64 << 20
+    assert mount('type=bind,"source=a,b",target=/x', "/").source == "a,b"  # CSV quoting
+    for bad, message in (("type=cache,target=/x,from=s", "not supported"), ("type=tmpfs,target=/t,size=lots", "not a size"),
+                         ("type=bind,target=/", "cannot be /"), ("type=tmpfs,target=/t,ro", "takes no ro"),
+                         ("target=/x,ro,rw", "exclude each other"), ("type=cache,target=/x,mode=999", "not a number")):
+        with pytest.raises(DockerfileError, match=message):
+            mount(bad, "/")

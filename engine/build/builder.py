@@ -15,8 +15,22 @@ covered by a test):
 - WORKDIR is an empty layer; the directory lands in the next step's layer.
 - The runtime's mountpoints (/proc, /dev, /sys, /etc/hosts, ...) never land
   in a layer, unlike buildah 1.28 (buildah #4242).
-- Heredocs, `--link`, symbolic `--chmod` follow the reference (buildah 1.28
-  has none of them).
+- Heredocs, `--link`, symbolic `--chmod`, `COPY --parents/--exclude` and
+  `ADD --checksum` follow the reference (buildah 1.28 has none of them).
+- RUN --mount: the mountpoints it needed, parents included, are not left in
+  the layer (buildah leaves the parents); writes to a read-write bind are
+  thrown away, as the reference says (buildah 1.28 writes them into the
+  context); a bind shows the context directory as it is, .dockerignore
+  applying to COPY only (as buildah); `sharing=locked` takes a lock, `private`
+  is `shared`.  A bind's contents join the step's key; a cache's or secret's
+  never do.
+- FROM --platform (or the build's --platform) takes that platform's image of
+  the index a stored image was pulled from; a stored image of another platform
+  is pulled for it when pulling is allowed, else refused, and still refused if
+  the registry has only that one.
+- RUN's root is kernel overlayfs; where it cannot be mounted, or past its 500
+  lower layers, fuse-overlayfs (when installed; the output says so), else one
+  error line.
 
 The cache: a step's key chains its parent's key with the instruction as
 written and every input it resolves (args, env, user, workdir, and for
@@ -29,6 +43,7 @@ whose diff is gone is a miss.
 from __future__ import annotations
 
 import bz2
+import fcntl
 import datetime as _dt
 import gzip
 import hashlib
@@ -51,9 +66,11 @@ from ..content import ContentStore
 from ..errors import BuildError, ContextError, DockerfileError, LayerdbError, NotFound, StepFailed
 from ..ingest.importer import DiffResult, Importer, chain_ids
 from ..tarstream import TarReader
-from ..replay import Node, View, decided_events
+from ..replay import Node, View, below, decided_events
 from ..store import Store
+from . import cache
 from . import dockerfile as df
+from . import mounts as mounts_
 from . import runtime
 from .context import Context
 from .ignore import Ignore
@@ -64,6 +81,7 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy", "NO_PROXY",
               "no_proxy", "ALL_PROXY", "all_proxy")
+SECRETS_DIR = "/dev/shm"  # tmpfs: where RUN --mount=type=secret copies are bound from
 OUTPUT_TAIL = 20  # lines of a failed RUN's output in its error
 ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
@@ -97,6 +115,10 @@ class BuildOptions:
     # FROM of an image not in the store pulls it (buildah's pull policy "missing"),
     # with these registry options (engine/registry/auth.options); None: never pull.
     registry: object | None = None
+    secrets: dict[str, str] = field(default_factory=dict)  # RUN --mount=type=secret: id -> host file
+    platform: str | None = None  # OS/ARCH[/VARIANT] of the build; None: this machine's
+    cache_max: int = cache.DEFAULT_MAX  # bytes of materialised layers kept after the build
+    overlay: str = "auto"  # RUN's root: "auto" (the kernel's overlayfs, else fuse-overlayfs) or "fuse"
 
 
 @dataclass
@@ -145,7 +167,8 @@ class Builder:
         self.content = content
         self.opts = opts
         self.say = progress or (lambda kind, text: None)
-        self.os, self.arch, self.variant = host_platform()
+        self.host = host_platform()
+        self.os, self.arch, self.variant = _parse_platform(opts.platform) if opts.platform else self.host
         ctx = os.path.abspath(opts.context)
         self.dockerfile_path = opts.dockerfile or next(
             (os.path.join(ctx, n) for n in ("Dockerfile", "Containerfile") if os.path.isfile(os.path.join(ctx, n))),
@@ -154,6 +177,8 @@ class Builder:
         self.cache_dir = opts.cache_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "layerdb")
         self.done: dict[int, StageState] = {}
+        self._used: set[str] = set()  # the cached layer dirs this build used
+        self._origin = os.path.realpath(store.path)  # whose layers this build's cache entries are
         self.result = BuildResult("", list(opts.tags), 0)
         self.tmp: str | None = None
         self.missed = False  # once a step misses, every later step of its stage does
@@ -178,12 +203,25 @@ class Builder:
                 raise BuildError(f"--target {self.opts.target}: no such stage in {self.df.path}"
                                  f" (stages: {', '.join(s.name or str(s.index) for s in self.df.stages)})")
         self.total = sum(1 + len(s.instructions) for s in self.df.stages)
-        self.tmp = tempfile.mkdtemp(prefix="layerdb-build-")
-        _clean_stale(os.path.join(self.cache_dir, "layers"))
+        layers = os.path.join(self.cache_dir, "layers")
+        for d in (layers, os.path.join(self.cache_dir, "tmp")):
+            cache.clean_stale(d)
+        cache.clean_stale(SECRETS_DIR, ("layerdb-secret",), tmp_files=False)
+        # The build's scratch space lives beside the layer cache, not in /tmp: a step's
+        # overlay work dir must share the upper dir's file system, and a build that was
+        # killed leaves it where the next build cleans it up.
+        os.makedirs(os.path.join(self.cache_dir, "tmp"), exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=os.path.join(self.cache_dir, "tmp"))
+        lock = cache.lock(layers)
         try:
             state = self._stage(target.index)
-            return self._finish(state)
+            result = self._finish(state)
+            with self.store.read():
+                live = {cache.name_of(d) for (d,) in self.store.execute("SELECT diff_id FROM diff")}
+            cache.collect(layers, lock, self._origin, live, self._used, self.opts.cache_max)
+            return result
         finally:
+            os.close(lock)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _global_args(self) -> dict[str, str]:
@@ -197,9 +235,22 @@ class Builder:
         return out
 
     def _platform_args(self) -> dict[str, str]:
-        plat = f"{self.os}/{self.arch}" + (f"/{self.variant}" if self.variant else "")
-        base = {"OS": self.os, "ARCH": self.arch, "VARIANT": self.variant or "", "PLATFORM": plat}
-        return {**{"BUILD" + k: v for k, v in base.items()}, **{"TARGET" + k: v for k, v in base.items()}}
+        def of(os_: str, arch: str, variant: str | None) -> dict[str, str]:
+            plat = f"{os_}/{arch}" + (f"/{variant}" if variant else "")
+            return {"OS": os_, "ARCH": arch, "VARIANT": variant or "", "PLATFORM": plat}
+
+        return {**{"BUILD" + k: v for k, v in of(*self.host).items()},
+                **{"TARGET" + k: v for k, v in of(self.os, self.arch, self.variant).items()}}
+
+    def _want(self, frm: df.From) -> tuple[str, str, str | None] | None:
+        """The platform a FROM asks for: its --platform, else the build's; None: any."""
+        if frm.platform:
+            text = self._expand(frm, frm.platform, self.global_args)
+            try:
+                return _parse_platform(text)
+            except LayerdbError as e:
+                raise DockerfileError(f"FROM --platform={text}: {e.message}", self.df.path, frm.line) from None
+        return (self.os, self.arch, self.variant) if self.opts.platform else None
 
     def _expand(self, ins: df.Instruction, word: str, env: dict[str, str]) -> str:
         try:
@@ -234,14 +285,17 @@ class Builder:
             st.key = _sha(["stage", parent.key])
             st.parent_id = _config_id(st.cfg)
         elif image.lower() == "scratch":
-            st.cfg = {"architecture": self.arch, "os": self.os, "config": {"Env": [DEFAULT_PATH]},
+            os_, arch, variant = self._want(frm) or (self.os, self.arch, self.variant)
+            st.cfg = {"architecture": arch, "os": os_, "config": {"Env": [DEFAULT_PATH]},
                       "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
-            if self.variant:
-                st.cfg["variant"] = self.variant
-            st.key = _sha(["scratch", self.arch])
+            if variant:
+                st.cfg["variant"] = variant
+            st.key = _sha(["scratch", arch] + ([os_, variant] if (os_, variant) != ("linux", None) else []))
         else:
             self._from_image(st, frm, image)
-        self.missed = False
+        # A stage built in the middle of another (COPY --from, RUN --mount=from) keeps
+        # its own record of misses.
+        outer_missed, self.missed = self.missed, False
         onbuild = list(st.config.get("OnBuild") or [])
         st.config["OnBuild"] = []
         for trigger in onbuild:
@@ -251,6 +305,7 @@ class Builder:
             self.say("step", f"STEP {self._step_no(stage, ins)}/{self.total}: {ins.original}")
             self._instruction(st, ins)
         self.done[index] = st
+        self.missed = outer_missed
         return st
 
     def _step_no(self, stage: df.Stage, ins: df.Instruction | None) -> int:
@@ -258,14 +313,26 @@ class Builder:
         return n if ins is None else n + 1 + stage.instructions.index(ins)
 
     def _from_image(self, st: StageState, frm: df.From, image: str) -> None:
+        want = self._want(frm)
         r = self._stored_image(image)
+        other = None  # the platform of a stored image that is not the one asked for
+        if r is not None and want is not None:
+            r, other = self._platform_image(r, want)
         if r is None and self.opts.registry is not None:
             from ..registry.pull import pull
 
-            self.say("step", f"Pulling {image}")
-            pulled = pull(self.store, self.content, image, self.opts.registry)
+            self.say("step", f"Pulling {image}" + (f" for {_show_platform(want)}" if want else ""))
+            pulled = pull(self.store, self.content, image, self.opts.registry,
+                          platform=_show_platform(want) if want else None)
             r = self._stored_image(pulled.images[0]["id"])
+            if r is not None and want is not None:
+                r, other = self._platform_image(r, want)  # a plain manifest of another platform
         with self.store.read():
+            if r is None and other is not None:
+                hint = ("the registry has no other" if self.opts.registry is not None else
+                        "pull that platform, or let build pull it: no --no-pull")
+                raise BuildError(f"{self.df.path}:{frm.line}: FROM {image}: the stored image is {other}, not"
+                                 f" {_show_platform(want)} ({hint})")
             if r is None:
                 raise BuildError(f"{self.df.path}:{frm.line}: FROM {image}: no such image in the store"
                                  " (import or pull it first)")
@@ -277,6 +344,30 @@ class Builder:
         st.cfg.setdefault("history", [])
         st.key = _sha(["image", r.image_digest])
         st.parent_id = r.image_digest
+
+    def _platform_image(self, r, want: tuple[str, str, str | None]):
+        """(the image for platform want: r itself, or another image of the index r was
+        pulled from; None if the store has none) and, for None, r's own platform.
+        An index entry's platform wins over its config's, as the index is what a pull
+        chooses by."""
+        with self.store.read():
+            cfg = json.loads(self.store.scalar("SELECT config FROM image WHERE id = ?", (r.image_rowid,)))
+            rows = self.store.execute(
+                "SELECT DISTINCT i.id, i.digest, i.config, m2.digest, ix.data FROM manifest m"
+                " JOIN manifest_child c ON c.child_id = m.id JOIN manifest ix ON ix.id = c.index_id"
+                " JOIN manifest_child c2 ON c2.index_id = c.index_id"
+                " JOIN manifest m2 ON m2.id = c2.child_id JOIN image i ON i.id = m2.image_id"
+                " WHERE m.image_id = ? ORDER BY i.id != ?, i.digest", (r.image_rowid, r.image_rowid)).fetchall()
+        own = _config_platform(cfg)
+        for rowid, digest, config, mdigest, index in rows:
+            plat = _index_platform(index, mdigest) or _config_platform(json.loads(config))
+            if rowid == r.image_rowid:
+                own = plat
+            if plat == want:
+                return (r if rowid == r.image_rowid else self._stored_image(digest)), None
+        if own == want:
+            return r, None
+        return None, _show_platform(own)
 
     def _stored_image(self, image: str):
         with self.store.read():
@@ -526,14 +617,15 @@ class Builder:
         network = ins.network or self.opts.network
         if network not in ("host", "none", "default"):
             raise self._err(ins, f"RUN --network={network}: use host or none")
+        workdir = st.config.get("WorkingDir") or "/"
+        scope = st.scope()
+        mounts = [mounts_.parse(self._expand(ins, text, scope), workdir) for text in ins.mounts]
         inputs = {"argv": argv, "args": args, "env": st.config.get("Env") or [], "user": st.config.get("User") or "",
-                  "workdir": st.config.get("WorkingDir") or "/", "network": network,
-                  "heredocs": [h.content for h in ins.heredocs]}
+                  "workdir": workdir, "network": network, "heredocs": [h.content for h in ins.heredocs]}
+        if mounts:
+            inputs["mounts"] = [self._mount_key(ins, m) for m in mounts]
         key, hit = self._cached(st, ins, inputs, layer=True)
-        if hit:
-            self._add_layer(st, hit["diff_id"])
-            self._history(st, ins, created_by, False, hit["created"])
-            st.key = key
+        if self._reuse(st, ins, key, hit, created_by):
             return
         created = self._now()
         env = list(st.config.get("Env") or [])
@@ -544,7 +636,7 @@ class Builder:
         for k in PROXY_ARGS:
             if k in self.opts.build_args and k not in names and k not in args:
                 env.append(f"{k}={self.opts.build_args[k]}")
-        entries = self._run(st, ins, argv, env, "none" if network == "none" else "host")
+        entries = self._run(st, ins, argv, env, "none" if network == "none" else "host", mounts)
         if self.timestamp is not None:
             for e in entries:
                 e.mtime = self.timestamp
@@ -552,96 +644,296 @@ class Builder:
         self._history(st, ins, created_by, False, created)
         self._remember(st, key, ins, inputs, diff_id, created)
 
-    def _lowers(self, st: StageState) -> list[str]:
+    def _reuse(self, st: StageState, ins: df.Instruction, key: str, hit: dict | None, created_by: str) -> bool:
+        """A layer step taken from the cache: its layer and history entry added."""
+        if not hit:
+            return False
+        self._add_layer(st, hit["diff_id"])
+        self._history(st, ins, created_by, False, hit["created"])
+        st.key = key
+        return True
+
+    def _lowers(self, chain: list[DiffResult]) -> list[str]:
+        """The chain's diffs as overlay lower directories, newest first (never fewer than two,
+        as a read-only overlay needs two)."""
         base = os.path.join(self.cache_dir, "layers")
         os.makedirs(base, exist_ok=True)
         out = []
-        for d in st.chain:
-            path = os.path.join(base, d.diff_id.removeprefix("sha256:")[:20])
+        for d in chain:
+            name = cache.name_of(d.diff_id)
+            path = os.path.join(base, name)
             if not os.path.isdir(path):
                 with self.store.read():
                     materialize(self.store.conn, self.content, d.diff_rowid, path)
+            if name not in self._used:
+                cache.note(path, self._origin)
+                self._used.add(name)
             out.append(path)
-        if not out:
-            empty = os.path.join(base, "empty")
-            os.makedirs(empty, exist_ok=True)
-            out.append(empty)
-        return list(reversed(out))
+        empty = os.path.join(base, "empty")
+        os.makedirs(empty, exist_ok=True)
+        return list(reversed(out)) + [empty] * (2 - len(out) if len(out) < 2 else 0)
 
-    def _run(self, st: StageState, ins: df.Run, argv: list[str], env: list[str], network: str) -> list[LayerEntry]:
+    # RUN --mount ------------------------------------------------------------------------
+
+    def _mount_key(self, ins: df.Run, m: mounts_.MountSpec) -> dict:
+        """A mount's part of the step's key: a bind's source by content (context) or chain
+        id (stage, image); a cache or secret by name only, as docker keys them."""
+        out = m.key()
+        if m.type != "bind":
+            return out
+        if m.from_:
+            chain = self._from_chain(m.from_, ins)
+            out["chain"] = chain_ids([d.diff_id for d in chain])[-1] if chain else None
+            return out
+        src = self._bind_source(ins, m)
+        rows = []
+        for mem in self._bind_context.walk(src):
+            e = _context_entry(mem.rel.encode("utf-8", "surrogateescape"), mem.full, mem.st)
+            rows.append([mem.rel, e.type, e.mode, e.uid, e.gid, _entry_sha(e), e.link.decode("utf-8", "surrogateescape")])
+        out["digest"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+        return out
+
+    @property
+    def _bind_context(self) -> Context:
+        # A bind mount shows the context directory as it is, as buildah 1.28 binds it:
+        # .dockerignore filters what COPY reads, not what a bind shows.
+        return Context(self.context.root)
+
+    def _bind_source(self, ins: df.Run, m: mounts_.MountSpec):
+        if re.search(r"[*?\[]", m.source):
+            raise self._err(ins, f"RUN --mount: source={m.source}: wildcards are not allowed")
+        try:
+            return self._bind_context.sources(m.source or ".")[0]
+        except ContextError as e:
+            raise self._err(ins, f"RUN --mount: {e.message}", ContextError) from None
+
+    def _step_mounts(self, ins: df.Run, specs: list[mounts_.MountSpec], step_dir: str,
+                     cleanup: list[str]) -> tuple[list[runtime.Mount], list[tuple[bytes, str]], list[int]]:
+        """The host side of each mount: (what the child mounts, the mountpoints it needs, fds of held locks)."""
+        out: list[runtime.Mount] = []
+        points: list[tuple[bytes, str]] = []
+        locks: list[int] = []
+        layers = os.path.join(self.cache_dir, "layers")
+
+        def scratch_upper() -> tuple[str, str]:
+            # Writes to a read-write bind are thrown away; overlayfs wants its upper on the
+            # file system the step's own upper uses (the build cache), not on /tmp.
+            d = tempfile.mkdtemp(prefix=f"upper-{os.getpid()}-bind-", dir=layers)
+            cleanup.append(d)
+            os.mkdir(os.path.join(d, "u"))
+            os.mkdir(os.path.join(d, "w"))
+            return os.path.join(d, "u"), os.path.join(d, "w")
+
+        for i, m in enumerate(specs):
+            rel = m.target.strip("/").encode()
+            if m.type == "tmpfs":
+                out.append(runtime.Mount("tmpfs", rel, readonly=False, data=f"size={m.size}" if m.size else ""))
+                points.append((rel, "d"))
+            elif m.type == "cache":
+                d = os.path.join(self.cache_dir, "mounts", hashlib.sha256(m.id.encode()).hexdigest()[:24])
+                if not os.path.isdir(d):
+                    os.makedirs(d + ".tmp", exist_ok=True)
+                    os.chown(d + ".tmp", m.uid, m.gid)
+                    os.chmod(d + ".tmp", m.mode if m.mode is not None else 0o755)
+                    os.rename(d + ".tmp", d)
+                if m.sharing == "locked":
+                    fd = os.open(d, os.O_RDONLY)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    locks.append(fd)
+                out.append(runtime.Mount("bind", rel, source=d, readonly=m.readonly))
+                points.append((rel, "d"))
+            elif m.type == "secret":
+                src = self.opts.secrets.get(m.id)
+                if src is None:
+                    if m.required:
+                        raise self._err(ins, f"RUN --mount=type=secret: no secret {m.id!r} was given (--secret"
+                                             f" id={m.id},src=FILE)", BuildError)
+                    continue
+                try:
+                    r = open(src, "rb")
+                except OSError as e:
+                    raise self._err(ins, f"secret {m.id!r}: cannot read {src}: {e.strerror}", BuildError) from None
+                # The copy that is bound lives on tmpfs (never on a disk), for the step only;
+                # a killed build's is removed by the next one.  (A memfd cannot be bound.)
+                shm = SECRETS_DIR if os.path.isdir(SECRETS_DIR) else step_dir
+                d = tempfile.mkdtemp(prefix=f"layerdb-secret-{os.getpid()}-", dir=shm)
+                cleanup.append(d)
+                copy = os.path.join(d, "s")
+                fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f, r:
+                    shutil.copyfileobj(r, f)
+                os.chown(copy, m.uid, m.gid)
+                os.chmod(copy, m.mode if m.mode is not None else 0o400)
+                out.append(runtime.Mount("bind", rel, source=copy, readonly=True))
+                points.append((rel, "f"))
+            elif m.from_:
+                chain = self._from_chain(m.from_, ins)
+                lowers = self._lowers(chain)
+                sub = m.source.strip("/")
+                view = _ChainReader(self.store, chain)
+                node = view.get(sub.encode()) if sub else None
+                if sub:
+                    parts = sub.encode().split(b"/")
+                    for k in range(1, len(parts) + 1):
+                        n = view.get(b"/".join(parts[:k]))
+                        if n is None:
+                            raise self._err(ins, f"RUN --mount: source={m.source}: no such path in {m.from_}",
+                                            ContextError)
+                        if n.type == "l":
+                            raise self._err(ins, f"RUN --mount: source={m.source}: /{b'/'.join(parts[:k]).decode()}"
+                                                 f" is a symlink in {m.from_}; name what it points to", BuildError)
+                upper, work = scratch_upper() if not m.readonly else ("", "")
+                if not sub:
+                    out.append(runtime.Mount("overlay", rel, lowers=lowers, upper=upper, work=work,
+                                             readonly=m.readonly))
+                    points.append((rel, "d"))
+                    continue
+                at = os.path.join(step_dir, f"from-{i}")
+                os.mkdir(at)
+                out.append(runtime.Mount("overlay", at.encode(), lowers=lowers, upper=upper, work=work,
+                                         readonly=m.readonly, host=True))
+                out.append(runtime.Mount("bind", rel, source=os.path.join(at, sub), readonly=m.readonly))
+                points.append((rel, "d" if node is not None and node.type == "d" else "f"))
+            else:
+                src = self._bind_source(ins, m)
+                if m.readonly:
+                    out.append(runtime.Mount("bind", rel, source=src.full, readonly=True))
+                elif src.is_dir:
+                    upper, work = scratch_upper()
+                    out.append(runtime.Mount("overlay", rel, lowers=[src.full, self._lowers([])[0]], upper=upper,
+                                             work=work, readonly=False))
+                else:
+                    copy = os.path.join(step_dir, f"bind-{i}")
+                    shutil.copy2(src.full, copy)
+                    out.append(runtime.Mount("bind", rel, source=copy, readonly=False))
+                points.append((rel, "d" if src.is_dir else "f"))
+        return out, points, locks
+
+    def _run(self, st: StageState, ins: df.Run, argv: list[str], env: list[str], network: str,
+             mounts: list[mounts_.MountSpec] | None = None) -> list[LayerEntry]:
         assert self.tmp is not None
-        why = runtime.overlay_works(os.path.join(self.tmp, "probe"))
-        if why is not None:
-            raise self._err(ins, f"RUN needs kernel overlayfs, which cannot be mounted here ({why}); run the"
-                                 " build as root on a kernel with overlay", StepFailed)
+        lowers = self._lowers(st.chain)
+        fuse = self._use_fuse(ins, len(lowers))
         step_dir = tempfile.mkdtemp(prefix="run-", dir=self.tmp)
         # The upper dir lives under the cache: it becomes this layer's lower
         # directory for the next steps without a copy (same file system: a rename).
         os.makedirs(os.path.join(self.cache_dir, "layers"), exist_ok=True)
         upper = tempfile.mkdtemp(prefix=f"upper-{os.getpid()}-", dir=os.path.join(self.cache_dir, "layers"))
-        os.chmod(upper, 0o755)  # the upper's own mode is the root's in the merged view
-        work, merged = os.path.join(step_dir, "w"), os.path.join(step_dir, "m")
-        os.mkdir(work)
-        os.mkdir(merged)
-        view = _ChainReader(self.store, st.chain)
-        stubs = self._make_stubs(view, upper)
-        etc = self._etc_files(step_dir)
-        uid, gid, groups = self._user(view, st.config.get("User") or "", ins)
-        cwd = st.config.get("WorkingDir") or "/"
-        # WORKDIR's directory is made by the step that first needs it, so it lands in this layer.
-        if cwd != "/" and view.get(cwd.strip("/").encode()) is None:
-            _make_dirs_in_upper(upper, cwd.strip("/").encode(), view)
-        spec = runtime.RunSpec(argv=argv, env=env, lowers=self._lowers(st), upper=upper, work=work, merged=merged,
-                               etc_files=etc, cwd=cwd, uid=uid, gid=gid, groups=groups, network=network,
-                               hostname=hashlib.sha256(st.key.encode()).hexdigest()[:12])
-        tail: list[bytes] = [b""]
+        cleanup = [upper]
+        locks: list[int] = []
+        try:
+            os.chmod(upper, 0o755)  # the upper's own mode is the root's in the merged view
+            work, merged = os.path.join(step_dir, "w"), os.path.join(step_dir, "m")
+            os.mkdir(work)
+            os.mkdir(merged)
+            view = _ChainReader(self.store, st.chain)
+            cwd = st.config.get("WorkingDir") or "/"
+            # WORKDIR's directory is made by the step that first needs it, so it lands in this
+            # layer; before the mountpoints, so that a mount below it does not take it away.
+            if cwd != "/" and view.get(cwd.strip("/").encode()) is None:
+                _make_dirs_in_upper(upper, cwd.strip("/").encode(), view)
+            step_mounts, points, locks = self._step_mounts(ins, mounts or [], step_dir, cleanup)
+            points = ([(rel, "d") for rel in runtime.MOUNT_DIRS] + [(rel, "f") for rel in runtime.MOUNT_FILES]
+                      + points)
+            stubs = self._make_stubs(view, upper, points, ins)
+            etc = self._etc_files(step_dir)
+            uid, gid, groups = self._user(view, st.config.get("User") or "", ins)
+            spec = runtime.RunSpec(argv=argv, env=env, lowers=lowers, upper=upper, work=work,
+                                   merged=merged, etc_files=etc, cwd=cwd, uid=uid, gid=gid, groups=groups,
+                                   network=network, hostname=hashlib.sha256(st.key.encode()).hexdigest()[:12],
+                                   mounts=step_mounts, fuse=fuse)
+            tail: list[bytes] = [b""]
 
-        def output(b: bytes) -> None:
-            self.say("output", b.decode("utf-8", "replace"))
-            lines = (tail[-1] + b).split(b"\n")
-            tail[-1:] = lines
-            del tail[:-OUTPUT_TAIL - 1]
+            def output(b: bytes) -> None:
+                self.say("output", b.decode("utf-8", "replace"))
+                lines = (tail[-1] + b).split(b"\n")
+                tail[-1:] = lines
+                del tail[:-OUTPUT_TAIL - 1]
 
-        status = runtime.run(spec, output)
-        shutil.rmtree(work, ignore_errors=True)
-        if status != 0:
-            shutil.rmtree(upper, ignore_errors=True)
-            last = b"\n".join(x for x in tail if x).decode("utf-8", "replace")
-            raise StepFailed(f"{self.df.path}:{ins.line}: {ins.original}: exited with status {status}"
-                             + (f"; its last output:\n{last}" if last else ""), ins.original, status, last)
-        self._remove_stubs(upper, stubs)
-        self._last_upper = upper
-        return upper_entries(upper)
+            status = runtime.run(spec, output)
+            shutil.rmtree(work, ignore_errors=True)
+            if status != 0:
+                last = b"\n".join(x for x in tail if x).decode("utf-8", "replace")
+                raise StepFailed(f"{self.df.path}:{ins.line}: {ins.original}: exited with status {status}"
+                                 + (f"; its last output:\n{last}" if last else ""), ins.original, status, last)
+            self._remove_stubs(upper, stubs)
+            cleanup.remove(upper)
+            self._last_upper = upper
+            # An opaque mark hides what is below: over nothing (fuse-overlayfs marks every
+            # new directory so) it says nothing, and the kernel's overlay leaves it out.
+            return [e for e in upper_entries(upper)
+                    if e.type != "opq" or getattr(view.get(e.path), "type", None) == "d"]
+        finally:
+            for fd in locks:
+                os.close(fd)
+            for d in cleanup:
+                shutil.rmtree(d, ignore_errors=True)
 
     _last_upper: str | None = None
+    _kernel_overlay: str | None = ""  # "": not probed yet; None: it mounts; else why not
+    _said_fuse = False
 
-    def _make_stubs(self, view: "_ChainReader", upper: str) -> list[tuple[bytes, str, tuple | None]]:
-        """Create in the upper dir the mountpoints the view lacks; returns what to remove afterwards."""
+    def _use_fuse(self, ins: df.Run, lowers: int) -> bool:
+        """Kernel overlayfs where it mounts and can stack the lowers, else fuse-overlayfs
+        when it is installed (said once in the output), else one clear error."""
+        assert self.tmp is not None
+        if self.opts.overlay == "fuse":
+            return True
+        if self._kernel_overlay == "":
+            self._kernel_overlay = runtime.overlay_works(os.path.join(self.tmp, "probe"))
+        why = self._kernel_overlay
+        if why is None and lowers > runtime.OVERLAY_MAX_LOWERS:
+            why = f"{lowers} lower layers, over its limit of {runtime.OVERLAY_MAX_LOWERS}"
+        if why is None:
+            return False
+        if runtime.fuse_overlayfs() is None:
+            raise self._err(ins, f"RUN needs overlayfs: the kernel's cannot be used here ({why}), and"
+                                 " fuse-overlayfs is not installed", StepFailed)
+        if not self._said_fuse:
+            self._said_fuse = True
+            self.say("info", f"RUN: kernel overlayfs cannot be used ({why}); using fuse-overlayfs")
+        return True
+
+    def _make_stubs(self, view: "_ChainReader", upper: str, points: list[tuple[bytes, str]],
+                    ins: df.Instruction) -> list[tuple[bytes, str, tuple | None]]:
+        """Create in the upper dir the mountpoints (and their parents) the view lacks, each
+        a directory ("d") or a file ("f"); returns what to remove afterwards."""
         made: list[tuple[bytes, str, tuple | None]] = []
         root = os.fsencode(upper)
-        for rel in runtime.MOUNT_DIRS:
-            n = view.get(rel)
-            if n is None or n.type != "d":
-                os.mkdir(os.path.join(root, rel), 0o755)
-                made.append((rel, "d", None))
-        for rel in runtime.MOUNT_FILES:
-            n = view.get(rel)
-            if n is not None and n.type == "f":
-                continue
-            parent = rel.rsplit(b"/", 1)[0]
-            pfull = os.path.join(root, parent)
-            if not os.path.isdir(pfull):
-                pn = view.get(parent)
-                os.mkdir(pfull, 0o755)
-                if pn is not None and pn.type == "d":
-                    os.chown(pfull, pn.uid or 0, pn.gid or 0)
-                    os.chmod(pfull, pn.mode or 0o755)
-                    os.utime(pfull, (pn.mtime or 0, pn.mtime or 0))
-                    made.append((parent, "copy", (pn.mode, pn.uid, pn.gid, pn.mtime)))
+        for rel, kind in points:
+            parts = rel.split(b"/")
+            for i in range(1, len(parts)):
+                p = b"/".join(parts[:i])
+                full = os.path.join(root, p)
+                if os.path.lexists(full):
+                    continue
+                pn = view.get(p)
+                if pn is None:
+                    os.mkdir(full, 0o755)
+                    os.chmod(full, 0o755)
+                    made.append((p, "d", None))
+                elif pn.type == "d":
+                    os.mkdir(full)
+                    os.chown(full, pn.uid or 0, pn.gid or 0)
+                    os.chmod(full, pn.mode or 0o755)
+                    os.utime(full, (pn.mtime or 0, pn.mtime or 0))
+                    made.append((p, "copy", (pn.mode, pn.uid, pn.gid, pn.mtime)))
                 else:
-                    made.append((parent, "d", None))
-            open(os.path.join(root, rel), "wb").close()
-            made.append((rel, "f", None))
+                    # Mounting through a symlink would resolve it on the host, not in the image.
+                    raise self._err(ins, f"cannot mount on /{rel.decode('utf-8', 'replace')}: /{p.decode('utf-8', 'replace')}"
+                                         " is not a directory in the image", BuildError)
+            full = os.path.join(root, rel)
+            if os.path.lexists(full):
+                continue
+            n = view.get(rel)
+            if n is not None and n.type == kind:
+                continue
+            if kind == "d":
+                os.mkdir(full, 0o755)
+                os.chmod(full, 0o755)
+            else:
+                open(full, "wb").close()
+            made.append((rel, kind, None))
         return made
 
     def _remove_stubs(self, upper: str, made: list[tuple[bytes, str, tuple | None]]) -> None:
@@ -747,10 +1039,14 @@ class Builder:
 
     def _copy(self, st: StageState, ins: df.CopyBase, kind: str) -> None:
         scope = st.scope()
-        if ins.flags.get("parents") or ins.flags.get("exclude"):
-            raise self._err(ins, f"{kind} --parents and --exclude are not supported yet")
-        if isinstance(ins, df.Add) and ins.checksum:
-            raise self._err(ins, "ADD --checksum is not supported yet")
+        parents = isinstance(ins, df.Copy) and ins.parents
+        exclude = Ignore([self._expand(ins, x, scope) for x in ins.excludes]) if ins.excludes else None
+        checksum = self._expand(ins, ins.checksum, scope) if isinstance(ins, df.Add) and ins.checksum else None
+        if checksum is not None:
+            alg, _, hexd = checksum.partition(":")
+            if alg not in ("sha256", "sha384", "sha512") or not re.fullmatch(r"[0-9a-f]+", hexd) \
+                    or len(hexd) != hashlib.new(alg).digest_size * 2:
+                raise self._err(ins, f"ADD --checksum={checksum}: expected sha256:<64 hex digits> (or sha384, sha512)")
         dest_word = self._expand(ins, ins.dest, scope)
         workdir = st.config.get("WorkingDir") or "/"
         dest = dest_word if dest_word.startswith("/") else _join(workdir, dest_word)
@@ -764,7 +1060,7 @@ class Builder:
         from_ref = ins.flag("from") if isinstance(ins, df.Copy) else None
         source_view: _ChainReader | None = None
         if from_ref:
-            source_view = self._from_view(self._expand(ins, from_ref, scope), ins)
+            source_view = _ChainReader(self.store, self._from_chain(self._expand(ins, from_ref, scope), ins))
         items: list[tuple[str, object]] = []  # (kind, what) per source
         for w in ins.sources:
             doc = ins.heredoc(w)
@@ -774,16 +1070,20 @@ class Builder:
             src = self._expand(ins, w, scope)
             if isinstance(ins, df.Add) and re.match(r"^https?://", src):
                 items.append(("url", src))
-            elif source_view is not None:
-                items.append(("view", src))
+                continue
+            if checksum is not None:
+                raise self._err(ins, f"ADD --checksum: {src} is not a URL (only http and https sources take one)")
+            pivot = _pivot(src, self.context.clean) if parents else None
+            if source_view is not None:
+                items.append(("view", (src, pivot)))
             else:
                 try:
                     for s in self.context.sources(src):
-                        items.append(("context", s))
+                        items.append(("context", (s, None if pivot is None else "/".join(s.rel.split("/")[pivot:]))))
                 except ContextError as e:
                     raise self._err(ins, e.message, ContextError) from None
         wildcard = any(re.search(r"[*?\[]", w) for w in ins.sources)
-        dest_dir = dest_word.endswith("/") or len(items) > 1 or wildcard
+        dest_dir = dest_word.endswith("/") or len(items) > 1 or wildcard or parents
         dest_rel = dest.strip("/").encode()
         if not dest_dir:
             n = view.get(dest_rel)
@@ -811,22 +1111,30 @@ class Builder:
                                                 data=data)))
                 kinds.append("file")
             elif what == "url":
-                entries.append(owned(self._fetch(str(item), dest, dest_dir, now_t, ins)))
+                entries.append(owned(self._fetch(str(item), dest, dest_dir, now_t, ins, checksum)))
                 kinds.append("file")
             elif what == "view":
                 assert source_view is not None
-                got = self._from_stage_entries(source_view, str(item), dest, dest_dir, ins)
+                vsrc, pivot = item  # type: ignore[misc]
+                got = self._from_stage_entries(source_view, vsrc, dest, dest_dir, ins, pivot, exclude)
                 entries += [owned(e) for e in got]
                 kinds.append("dir" if len(got) > 1 else "file")
             else:
-                s = item  # type: ignore[assignment]
+                s, keep = item  # type: ignore[misc]
+                if exclude is not None and not s.is_dir and exclude.ignored(os.path.basename(s.rel)):
+                    continue
                 if isinstance(ins, df.Add) and not s.is_dir and _archive_kind(s.full):
                     got = self._extract(s.full, dest, ins)
                     entries += [owned(e) if owner or self.timestamp is not None else e for e in got]
                     kinds.append("file")
                     continue
-                base = dest if (s.is_dir or not dest_dir) else _join(dest, os.path.basename(s.full))
+                if keep is not None:  # --parents: the source's path below the pivot is kept
+                    base = _join(dest, keep) if keep else dest
+                else:
+                    base = dest if (s.is_dir or not dest_dir) else _join(dest, os.path.basename(s.full))
                 for m in self.context.walk(s):
+                    if exclude is not None and m.rel and exclude.ignored(m.rel):
+                        continue
                     rel = (_join(base, m.rel) if m.rel else base).strip("/").encode()
                     if not rel and s.is_dir:
                         continue
@@ -868,31 +1176,30 @@ class Builder:
         inputs = {"sources": {"/" + row[0]: f"{row[1]} {row[2]:o} {row[3]}:{row[4]} {row[5]}" for row in summary},
                   "from": source_view.chain_id if source_view else None}
         key, hit = self._cached(st, ins, inputs, layer=True)
-        if hit:
-            self._add_layer(st, hit["diff_id"])
-            self._history(st, ins, created_by, False, hit["created"])
-            st.key = key
+        if self._reuse(st, ins, key, hit, created_by):
             return
         diff_id = self._store_layer(st, entries, ins)
         self._history(st, ins, created_by, False, created)
         self._remember(st, key, ins, inputs, diff_id, created)
 
-    def _from_view(self, ref: str, ins: df.Instruction) -> "_ChainReader":
+    def _from_chain(self, ref: str, ins: df.Instruction) -> list[DiffResult]:
+        """The layers `--from` names: another stage (built first) or a stored image."""
         stage = self.df.stage(ref)
         if stage is not None and stage is not self._current_stage(ins):
-            return _ChainReader(self.store, self._stage(stage.index).chain)
+            return self._stage(stage.index).chain
         with self.store.read():
             try:
                 r = refs.resolve(self.store, ref)
             except NotFound:
                 raise self._err(ins, f"--from={ref}: no stage or stored image of that name", BuildError) from None
-        return _ChainReader(self.store, [DiffResult(li.diff_rowid, li.diff_id, new=False) for li in r.layers])
+        return [DiffResult(li.diff_rowid, li.diff_id, new=False) for li in r.layers]
 
     def _current_stage(self, ins: df.Instruction) -> df.Stage | None:
         return next((s for s in self.df.stages if ins in s.instructions), None)
 
     def _from_stage_entries(self, view: "_ChainReader", src: str, dest: str, dest_dir: bool,
-                            ins: df.Instruction) -> list[LayerEntry]:
+                            ins: df.Instruction, pivot: int | None = None,
+                            exclude: Ignore | None = None) -> list[LayerEntry]:
         parts = [p for p in src.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise self._err(ins, f"--from source {src}: '..' is not allowed")
@@ -900,15 +1207,21 @@ class Builder:
         node = view.get(rel, follow=True)
         if node is None:
             raise self._err(ins, f"{src}: no such file or directory in the --from image", ContextError)
+        if pivot is not None:  # --parents: the path below the pivot is kept
+            dest = _join(dest, "/".join(parts[pivot:]))
         out: list[LayerEntry] = []
         if node.type != "d":
-            target = _join(dest, os.path.basename(src.rstrip("/"))) if dest_dir else dest
+            if exclude is not None and exclude.ignored(parts[-1] if parts else ""):
+                return out
+            target = dest if pivot is not None else _join(dest, os.path.basename(src.rstrip("/"))) if dest_dir else dest
             out.append(_node_entry(target.strip("/").encode(), node))
             return out
         first: dict[int, bytes] = {}
         for p, n in view.subtree(rel):
             sub = p[len(rel) + 1:] if rel else p
             if not sub:
+                continue
+            if exclude is not None and exclude.ignored(sub.decode("utf-8", "surrogateescape")):
                 continue
             target = (_join(dest, sub.decode("utf-8", "surrogateescape"))).strip("/").encode()
             if n.type != "d" and id(n) in first:
@@ -920,18 +1233,24 @@ class Builder:
             out.append(_node_entry(target, n))
         return out
 
-    def _fetch(self, url: str, dest: str, dest_dir: bool, now_t: int, ins: df.Instruction) -> LayerEntry:
+    def _fetch(self, url: str, dest: str, dest_dir: bool, now_t: int, ins: df.Instruction,
+               checksum: str | None = None) -> LayerEntry:
         assert self.tmp is not None
         name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
         target = _join(dest, name) if dest_dir else dest
         fd, path = tempfile.mkstemp(dir=self.tmp, prefix="url-")
+        h = hashlib.new(checksum.partition(":")[0] if checksum else "sha256")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 while b := resp.read(1 << 20):
+                    h.update(b)
                     out.write(b)
                 modified = resp.headers.get("Last-Modified")
         except OSError as e:
             raise self._err(ins, f"{url}: cannot fetch it: {getattr(e, 'reason', None) or e}", StepFailed) from None
+        if checksum is not None and h.hexdigest() != checksum.partition(":")[2]:
+            raise self._err(ins, f"{url}: digest mismatch: expected {checksum}, got {h.name}:{h.hexdigest()}",
+                            BuildError)
         mtime = now_t
         if modified:
             import email.utils
@@ -1019,11 +1338,15 @@ class Builder:
                 self.content.reset()
                 raise
         if keep_upper:
-            target = os.path.join(self.cache_dir, "layers", diff_id.removeprefix("sha256:")[:20])
+            name = cache.name_of(diff_id)
+            target = os.path.join(self.cache_dir, "layers", name)
             if os.path.isdir(target):
                 shutil.rmtree(keep_upper, ignore_errors=True)
+                cache.note(target, self._origin)
             else:
                 os.rename(keep_upper, target)
+                cache.note(target, self._origin, sum(e.size for e in entries if e.type == "f"))
+            self._used.add(name)
             self._last_upper = None
         st.chain.append(DiffResult(d.diff_rowid, diff_id, new=d.new))
         st.cfg.setdefault("rootfs", {"type": "layers"}).setdefault("diff_ids", []).append(diff_id)
@@ -1088,36 +1411,55 @@ class _ChainReader:
             content.close()
 
     def subtree(self, top: bytes) -> Iterator[tuple[bytes, Node]]:
-        from ..replay import chain_events
-
+        """The view below top, from the events on its paths only (COPY --from of one
+        directory does not replay the whole source image)."""
+        if not self.chain:
+            return
         with self.store.read():
-            view = View().replay(chain_events(self.store.conn, self.chain))
-        yield from view.walk(top)
+            known = below(self.store, self.chain, top)
+            events = decided_events(self.store, [self.chain], [top] if top else [], known=known)[0]
+        yield from View().replay(events).walk(top)
 
 
 # Helpers ----------------------------------------------------------------------------------
 
 
-def _clean_stale(layers: str) -> None:
-    """Upper directories of builds that died (killed, power loss): their pid is gone.
-    Mounts need no cleaning: each lived in its step's own mount namespace."""
+def _parse_platform(text: str) -> tuple[str, str, str | None]:
+    from ..registry import manifest
+
+    return manifest.parse_platform(text)
+
+
+def _config_platform(cfg: dict) -> tuple[str, str, str | None]:
+    from ..registry import manifest
+
+    return manifest.normalize(str(cfg.get("os") or ""), str(cfg.get("architecture") or ""), cfg.get("variant"))
+
+
+def _index_platform(index: bytes, digest: str) -> tuple[str, str, str | None] | None:
+    from ..registry import manifest
+
     try:
-        names = os.listdir(layers)
-    except FileNotFoundError:
-        return
-    for n in names:
-        m = re.fullmatch(r"upper-(\d+)-.*", n)
-        if m:
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        elif not n.endswith(".tmp"):
-            continue
-        shutil.rmtree(os.path.join(layers, n), ignore_errors=True)
+        doc = json.loads(index)
+    except ValueError:
+        return None
+    for d in doc.get("manifests") or []:
+        p = d.get("platform") if isinstance(d, dict) else None
+        if d.get("digest") == digest and isinstance(p, dict):
+            return manifest.normalize(str(p.get("os") or ""), str(p.get("architecture") or ""), p.get("variant"))
+    return None
+
+
+def _show_platform(p: tuple[str, str, str | None] | None) -> str:
+    return "/".join(x for x in (p or ()) if x)
+
+
+def _pivot(src: str, clean: Callable[[str], list[str]]) -> int:
+    """COPY --parents: how many leading components of src are dropped, those before a
+    `/./` (none without one; a leading `./` is no pivot)."""
+    body = src[2:] if src.startswith("./") else src
+    i = body.find("/./")
+    return len(clean(body[:i])) if i >= 0 else 0
 
 
 def _sha(obj) -> str:

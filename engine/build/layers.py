@@ -32,6 +32,10 @@ READ = 1 << 20
 WH = b".wh."
 OPQ = b".wh..wh..opq"
 OVERLAY_XATTR = "trusted.overlay."
+# fuse-overlayfs marks an opaque directory three ways (the xattr, and these two names
+# in it) and keeps its own xattrs: none of that is part of the tree.
+FUSE_OPAQUE = (b".wh..wh..opq", b".wh..opq")
+FUSE_XATTR = "user.fuseoverlayfs."
 SKIPPED_XATTRS = {"security.selinux"}  # set by the host, not part of the tree
 FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE,
          "h": tw.LNKTYPE}
@@ -126,7 +130,7 @@ def host_xattrs(full: str | bytes) -> dict[str, bytes]:
         return {}
     out = {}
     for n in sorted(names):
-        if n.startswith(OVERLAY_XATTR) or n in SKIPPED_XATTRS:
+        if n.startswith(OVERLAY_XATTR) or n.startswith(FUSE_XATTR) or n in SKIPPED_XATTRS:
             continue
         try:
             out[n] = os.getxattr(full, n, follow_symlinks=False)
@@ -161,6 +165,8 @@ def upper_entries(upper: str) -> list[LayerEntry]:
         rel = stack.pop()
         d = os.path.join(root, rel) if rel else root
         for name in sorted(os.listdir(d)):
+            if name in FUSE_OPAQUE:
+                continue
             r = rel + b"/" + name if rel else name
             full = os.path.join(root, r)
             st = os.lstat(full)
@@ -173,6 +179,7 @@ def upper_entries(upper: str) -> list[LayerEntry]:
                     opaque = os.getxattr(full, OVERLAY_XATTR + "opaque", follow_symlinks=False) == b"y"
                 except OSError:
                     opaque = False
+                opaque = opaque or os.path.lexists(os.path.join(full, FUSE_OPAQUE[0]))
                 out.append(e)
                 if opaque:
                     out.append(LayerEntry(r, "opq", mtime=e.mtime))

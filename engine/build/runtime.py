@@ -21,9 +21,23 @@ The child:
      a tmpfs /dev with null zero full random urandom tty bound from the host,
      /dev/shm, /sys read-only, and /etc/resolv.conf, /etc/hosts,
      /etc/hostname bound from files the builder wrote; the hostname;
-  4. chroot, chdir to WORKDIR, set groups/gid/uid, execve.
+  4. the step's own mounts (RUN --mount: binds, read-only overlays of another
+     stage's layers, tmpfs), shallowest target first so that they can nest;
+  5. chroot, chdir to WORKDIR, set groups/gid/uid, execve.
 Mountpoints that the parent view lacks are created for the step and removed
 from the upper directory afterwards (Builder.run takes care of it).
+
+With RunSpec.fuse, fuse-overlayfs serves the root (and the step's overlay
+mounts) instead: started by the first child in the foreground, before the new
+pid namespace, with a parent-death signal, so that it dies with the step or
+the builder; the child unmounts and waits for it before it reports the status,
+so every write is in the upper directory by then.
+
+The lower directories are given relative to the layer cache (the child
+chdirs there first): mount(2) data is one page, and 20-hex names fit about
+190 lowers in it where absolute paths fitted about 80.  Past that, the
+overlay is built with fsconfig(2) and `lowerdir+`, one lower at a time
+(Linux 6.8), up to overlayfs's own limit of 500.
 """
 
 from __future__ import annotations
@@ -33,9 +47,11 @@ import ctypes.util
 import fcntl
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +60,12 @@ CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
+# The new mount API (the same numbers on every architecture).
+SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
+FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
+MOVE_MOUNT_F_EMPTY_PATH = 4
+OVERLAY_MAX_LOWERS = 500
+OVERLAY_OPTIONS = "redirect_dir=off,index=off,metacopy=off"
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # Where the runtime mounts something: directories and files it may have to create.
@@ -75,6 +97,21 @@ def mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int 
 
 
 @dataclass
+class Mount:
+    """One RUN --mount, as the child mounts it."""
+
+    kind: str  # "bind" (source: a host path), "overlay" (lowers: host dirs), "tmpfs"
+    target: bytes  # below the root, no leading '/'
+    source: str = ""
+    lowers: list[str] = field(default_factory=list)  # overlay, newest first
+    upper: str = ""  # overlay: a throwaway upper (read-write) or "" (read-only)
+    work: str = ""
+    readonly: bool = True
+    data: str = ""  # tmpfs options (size=, mode=)
+    host: bool = False  # target is a host path (staging a subdirectory bind), not below the root
+
+
+@dataclass
 class RunSpec:
     argv: list[str]
     env: list[str]
@@ -89,15 +126,66 @@ class RunSpec:
     groups: list[int] = field(default_factory=list)
     hostname: str = "layerdb"
     network: str = "host"  # or "none"
+    mounts: list[Mount] = field(default_factory=list)
+    fuse: bool = False  # overlays through fuse-overlayfs, not the kernel's
 
 
-def overlay_options(spec: RunSpec) -> bytes:
-    opts = (f"lowerdir={':'.join(spec.lowers)},upperdir={spec.upper},workdir={spec.work},"
-            "redirect_dir=off,index=off,metacopy=off,volatile")
-    if len(opts) >= 4096:
-        raise OSError(7, f"the overlay mount options are {len(opts)} bytes, over the kernel's page"
-                         f" ({len(spec.lowers)} lower directories)")
-    return opts.encode()
+def mount_overlay(target: bytes, lowers: list[str], upper: str = "", work: str = "", extra: str = "") -> None:
+    """An overlay on target: read-write with upper and work, else read-only.
+    Lowers that share a directory are named relative to it (see the module docstring)."""
+    if len(lowers) > OVERLAY_MAX_LOWERS:
+        raise OSError(7, f"{len(lowers)} lower directories: overlayfs stacks at most {OVERLAY_MAX_LOWERS}")
+    if not upper and len(lowers) == 1:
+        raise ValueError("a read-only overlay needs two lower directories")
+    cwd = os.getcwd()
+    base = os.path.commonpath(lowers) if len(lowers) > 1 else os.path.dirname(lowers[0])
+    names = [os.path.relpath(p, base) for p in lowers]
+    tail = (f",upperdir={upper},workdir={work}" if upper else "") + f",{OVERLAY_OPTIONS}" + (f",{extra}" if extra else "")
+    data = f"lowerdir={':'.join(names)}" + tail
+    os.chdir(base)
+    try:
+        if len(data) < 4096:
+            mount(b"overlay", target, b"overlay", 0, data.encode())
+        else:
+            _fsconfig_overlay(target, names, upper, work, extra)
+    finally:
+        os.chdir(cwd)
+
+
+def _fsconfig_overlay(target: bytes, lowers: list[str], upper: str, work: str, extra: str) -> None:
+    c = libc()
+    fd = c.syscall(SYS_FSOPEN, b"overlay", 0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), f"fsopen overlay: {os.strerror(ctypes.get_errno())}")
+    try:
+        def conf(key: str, value: str | None, cmd: int = FSCONFIG_SET_STRING) -> None:
+            v = value.encode() if value is not None else None
+            if c.syscall(SYS_FSCONFIG, fd, cmd, key.encode() if key else None, v, 0) < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"fsconfig {key or 'create'}: {os.strerror(e)} ({len(lowers)} lower directories;"
+                                 " more than fit in one page need Linux 6.8)")
+        for p in lowers:
+            conf("lowerdir+", p)
+        if upper:
+            conf("upperdir", upper)
+            conf("workdir", work)
+        for opt in (OVERLAY_OPTIONS + ("," + extra if extra else "")).split(","):
+            k, _, v = opt.partition("=")
+            if v:
+                conf(k, v)
+            else:
+                conf(k, None, 0)  # FSCONFIG_SET_FLAG
+        conf("", None, FSCONFIG_CMD_CREATE)
+        mfd = c.syscall(SYS_FSMOUNT, fd, 0, 0)
+        if mfd < 0:
+            raise OSError(ctypes.get_errno(), f"fsmount: {os.strerror(ctypes.get_errno())}")
+        try:
+            if c.syscall(SYS_MOVE_MOUNT, mfd, b"", -100, target, MOVE_MOUNT_F_EMPTY_PATH) < 0:
+                raise OSError(ctypes.get_errno(), f"move_mount: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(mfd)
+    finally:
+        os.close(fd)
 
 
 def overlay_works(scratch: str) -> str | None:
@@ -168,16 +256,62 @@ def run(spec: RunSpec, output: Callable[[bytes], None]) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+def fuse_overlayfs() -> str | None:
+    """The fuse-overlayfs program, when it is installed and /dev/fuse is there."""
+    found = shutil.which("fuse-overlayfs")
+    return found if found and os.path.exists("/dev/fuse") else None
+
+
+def _fuse_overlay(target: bytes, lowers: list[str], upper: str, work: str) -> int:
+    """fuse-overlayfs on target, in the foreground as a child that dies with this process
+    (a killed builder leaves no daemon); returns once the mount is there."""
+    prog = fuse_overlayfs()
+    if prog is None:
+        raise OSError(2, "fuse-overlayfs is not installed (Debian: fuse-overlayfs), or /dev/fuse is missing")
+    opts = f"lowerdir={':'.join(lowers)}" + (f",upperdir={upper},workdir={work}" if upper else "")
+    before = os.stat(target).st_dev
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _set_pdeathsig()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.execv(prog, [prog, "-f", "-o", opts, os.fsdecode(target)])
+        finally:
+            os._exit(127)
+    for _ in range(400):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise OSError(5, f"fuse-overlayfs did not mount (exit status {os.waitstatus_to_exitcode(status)})")
+        if os.stat(target).st_dev != before:
+            return pid
+        time.sleep(0.025)
+    os.kill(pid, signal.SIGKILL)
+    raise OSError(110, "fuse-overlayfs did not mount within 10 s")
+
+
 def _child(spec: RunSpec) -> None:
-    flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
+    # Ends the step when the builder dies: a killed builder leaves no command running.
+    _set_pdeathsig()
+    _check(libc().unshare(CLONE_NEWNS), "unshare")
+    mount(None, b"/", None, MS_REC | MS_PRIVATE)
+    merged = spec.merged.encode()
+    daemons: list[int] = []
+    if spec.fuse:
+        # Before the new pid namespace: the daemons are this process's children, not its
+        # pid 1's, and unmounting below ends them once the step is over.
+        daemons.append(_fuse_overlay(merged, spec.lowers, spec.upper, spec.work))
+        for m in spec.mounts:
+            if m.kind == "overlay":
+                daemons.append(_fuse_overlay(m.target if m.host else os.path.join(merged, m.target), m.lowers,
+                                             m.upper, m.work))
+    else:
+        mount_overlay(merged, spec.lowers, spec.upper, spec.work, "volatile")
+    flags = CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID
     if spec.network == "none":
         flags |= CLONE_NEWNET
     _check(libc().unshare(flags), "unshare")
-    # Ends the step when the builder dies: a killed builder leaves no command running.
-    _set_pdeathsig()
-    mount(None, b"/", None, MS_REC | MS_PRIVATE)
-    merged = spec.merged.encode()
-    mount(b"overlay", merged, b"overlay", 0, overlay_options(spec))
     pid = os.fork()
     if pid != 0:
         # The namespace's init is the grandchild; wait for it and pass its status on.
@@ -187,6 +321,14 @@ def _child(spec: RunSpec) -> None:
                 break
             except InterruptedError:
                 continue
+        if daemons:
+            # Every write is in the upper dir once the daemons have exited.
+            libc().umount2(merged, MNT_DETACH)
+            for m in spec.mounts:
+                if m.kind == "overlay":
+                    libc().umount2(m.target if m.host else os.path.join(merged, m.target), MNT_DETACH)
+            for d in daemons:
+                os.waitpid(d, 0)
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     _set_pdeathsig()
     hn = spec.hostname.encode()
@@ -209,6 +351,9 @@ def _child(spec: RunSpec) -> None:
         os.symlink(target, j(b"dev/" + name))
     for rel, host in spec.etc_files.items():
         mount(host.encode(), j(rel), None, MS_BIND)
+    for m in sorted(spec.mounts, key=lambda m: (not m.host, m.target.count(b"/"))):
+        if not (spec.fuse and m.kind == "overlay"):  # those are up already
+            _step_mount(m, m.target if m.host else j(m.target))
     os.chroot(merged)
     os.chdir(spec.cwd if os.path.isdir(spec.cwd) else "/")
     os.setgroups(spec.groups)
@@ -223,6 +368,18 @@ def _child(spec: RunSpec) -> None:
                 argv0 = cand
                 break
     os.execve(argv0, spec.argv, env)
+
+
+def _step_mount(m: Mount, target: bytes) -> None:
+    if m.kind == "tmpfs":
+        mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, m.data.encode() or None)
+        return
+    if m.kind == "overlay":
+        mount_overlay(target, m.lowers, m.upper, m.work)
+    else:
+        mount(m.source.encode(), target, None, MS_BIND | MS_REC)
+    if m.readonly:
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def _set_pdeathsig() -> None:
