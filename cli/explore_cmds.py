@@ -28,9 +28,15 @@ n  N                 next / previous match
 esc                  clear the filter
 a  ctrl+a (layers)   aggregated changes (against the base layer)
 l  ctrl+l            this layer's changes
+v                    a range of layers: v marks the selected layer, then moving
+                     shows the changes of every layer between the two; v again
+                     (or a, l) ends it
+c                    compare with another image (a REF): its top view is the
+                     base; enter on an empty REF ends it
 1 2 3 4              show or hide added, removed, modified, unmodified
                      (tree: ctrl+a ctrl+r ctrl+u; ctrl+m is enter in a terminal)
-s  ctrl+o            sort by name or by size (largest first)
+s  ctrl+o            sort by name or by size (largest first); a long directory is
+                     read 1000 names at a time as you scroll, and sorts what is read
 h                    history of the selected path; enter jumps to that layer,
                      space marks a version, d diffs it against the cursor's
 d                    diff of the selected file against its previous version
@@ -40,15 +46,25 @@ e  ctrl+e            extract the file or directory into the current directory
 y  Y                 copy the path / the sha256 (OSC 52)
 i                    the images that share the selected layer; enter jumps there
 :                    find across all stored images: a name or path glob, or a sha256
+T                    next theme: dark, light, ansi (--theme picks any; NO_COLOR=1 or
+                     --theme none draws without colour)
 ?                    this help
 q                    close the top view, or quit
 """
 
 
+# --theme: ours, then any of Textual's by name (catppuccin-mocha, solarized-light, ...).
+THEMES = {"dark": "textual-dark", "light": "textual-light", "ansi": "ansi-dark"}
+
+
 @cli.command()
 @click.argument("target", metavar="REF|ARCHIVE.tar")
+@click.option("--compare", "against", metavar="REF", help="Mark the tree against another image's top view (key c).")
+@click.option("--theme", metavar="NAME",
+              help="dark (the default), light, ansi (the terminal's own colours), none (no colour, as NO_COLOR=1 "
+                   "gives), or a Textual theme's name; T switches between the first three.")
 @click.pass_context
-def explore(ctx, target):
+def explore(ctx, target, against, theme):
     """Explore an image in the terminal: layers, the file tree per layer with its
     changes, wasted space, a path's history, file diffs, and search across images.
 
@@ -57,6 +73,16 @@ def explore(ctx, target):
     """
     from layerdb.engine.api import LayerDB
 
+    if theme == "none":
+        os.environ["NO_COLOR"] = "1"  # Textual then draws without colour (its NoColor filter)
+        theme = None
+    elif theme is not None:
+        from textual.theme import BUILTIN_THEMES
+
+        theme = THEMES.get(theme, theme)
+        if theme not in BUILTIN_THEMES:
+            raise click.BadParameter(f"{theme!r}: not dark, light, ansi, none, nor one of "
+                                     f"{', '.join(sorted(BUILTIN_THEMES))}", param_hint="--theme")
     if os.path.isfile(target):
         with tempfile.TemporaryDirectory(prefix="layerdb-explore-") as tmp:
             db = LayerDB(os.path.join(tmp, "store.sqlite"))
@@ -64,19 +90,20 @@ def explore(ctx, target):
                 res = db.import_archive(target)
                 if not res.images:
                     raise click.ClickException(f"{target}: no image in the archive")
-                code = _run(db, res.images[0]["id"])
+                code = _run(db, res.images[0]["id"], against, theme)
             finally:
                 db.close()
     else:
         from .base import open_db
 
-        code = _run(open_db(ctx), target)
+        code = _run(open_db(ctx), target, against, theme)
     ctx.exit(code)
 
 
-def _run(db, ref: str) -> int:
+def _run(db, ref: str, against: str | None = None, theme: str | None = None) -> int:
     explorer = db.explorer(ref)  # a bad REF fails here, before the screen is taken
-    app = _app_class()(db, explorer)
+    other = db.explorer(against) if against else None
+    app = _app_class()(db, explorer, other, theme)
     app.run()
     return app.return_code or 0
 
@@ -100,7 +127,10 @@ def _app_class():
 
     from . import render
 
-    MARK_STYLE = {"A": "green", "M": "yellow", "R": "red", "U": ""}
+    def mark_styles(theme) -> dict[str, str]:
+        # The theme's own success/warning/error colours: ANSI yellow on a light
+        # background is what dive's users could not read (dive #680, #695).
+        return {"A": theme.success or "green", "M": theme.warning or "yellow", "R": theme.error or "red", "U": ""}
     MARK_NAMES = {"A": "added", "R": "removed", "M": "modified", "U": "unmodified"}
 
     def human(n):
@@ -128,19 +158,28 @@ def _app_class():
             self.state = state
 
         def sync(self) -> None:
-            self.virtual_size = Size(self.size.width, len(self.state.rows))
             h = self.scrollable_content_region.height or 1
             c, y = self.state.cursor, self.scroll_offset.y
-            if c < y:
-                self.scroll_to(y=c, animate=False)
-            elif c >= y + h:
-                self.scroll_to(y=c - h + 1, animate=False)
+            y = c if c < y else c - h + 1 if c >= y + h else y
+            # A directory's next names are read when its `more` row comes into view.
+            for i in range(max(0, y), min(len(self.state.rows), y + h)):
+                if self.state.rows[i].more:
+                    self.app.guard(self.state.read_more, i)
+                    break
+            self.virtual_size = Size(self.size.width, len(self.state.rows))
+            if y != self.scroll_offset.y:
+                self.scroll_to(y=y, animate=False)
             self.refresh()
 
         def on_resize(self, event) -> None:
             self.sync()
 
         def line(self, row) -> Text:
+            if row.more:
+                t = Text(" " * 33)
+                t.append(row.guides, style="dim")
+                t.append("… reading more names", style="dim italic")
+                return t
             e = row.entry
             if e.mode is None:
                 perm = "-" * 10
@@ -153,8 +192,9 @@ def _app_class():
                 name += " -> " + e.link.decode("utf-8", "surrogateescape")
             t = Text(f"{e.mark} {perm} {owner:>9} {size:>8}  ")
             t.append(row.guides, style="dim")
-            t.append(name, style=MARK_STYLE[e.mark] or ("bold" if e.is_dir else ""))
-            t.stylize(MARK_STYLE[e.mark], 0, 1)
+            style = mark_styles(self.app.current_theme)[e.mark]
+            t.append(name, style=style or ("bold" if e.is_dir else ""))
+            t.stylize(style, 0, 1)
             return t
 
         def render_line(self, y: int) -> Strip:
@@ -293,8 +333,8 @@ def _app_class():
         #right { border: round $secondary; }
         #tree-head { height: 1; color: $text-muted; }
         #tree { height: 1fr; }
-        #filter { height: 1; border: none; padding: 0; display: none; }
-        #filter.on { display: block; }
+        #filter, #compare { height: 1; border: none; padding: 0; display: none; }
+        #filter.on, #compare.on { display: block; }
         #status { height: 1; background: $panel; }
         #layers:focus, #right:focus-within { border: round $accent; }
         #text-title, #table-title { height: 1; background: $panel; }
@@ -310,6 +350,8 @@ def _app_class():
             Binding("N", "next_match(-1)", show=False),
             Binding("a", "aggregated(True)", "aggregated"),
             Binding("l", "aggregated(False)", "layer"),
+            Binding("v", "range", "range"),
+            Binding("c", "compare", "compare"),
             Binding("1", "mark('A')", show=False),
             Binding("2", "mark('R')", show=False),
             Binding("3", "mark('M')", show=False),
@@ -325,13 +367,18 @@ def _app_class():
             Binding("i", "shared", "shared"),
             Binding("colon", "find", "find"),
             Binding("question_mark", "help", "help"),
+            Binding("T", "next_theme", show=False),
         ]
 
-        def __init__(self, db, explorer):
+        def __init__(self, db, explorer, against=None, theme=None):
             super().__init__()
+            if theme:
+                self.theme = theme
             self.db = db
             self.ex = explorer
             self.state = db.explorer_tree(explorer)
+            if against is not None:
+                self.state.compare_with(against)
 
         # Layout ------------------------------------------------------------------
 
@@ -345,6 +392,8 @@ def _app_class():
                     yield Static(f"  {'Permission':10} {'UID:GID':>9} {'Size':>8}  Filetree", id="tree-head")
                     yield TreeView(self.state, id="tree")
             yield Input(placeholder="path filter: glob or substring; enter applies, esc clears", id="filter")
+            yield Input(placeholder="compare with the image (REF); enter applies, empty ends it, esc cancels",
+                        id="compare")
             yield Static(id="status")
 
         def on_mount(self) -> None:
@@ -352,7 +401,9 @@ def _app_class():
             self.query_one("#layer-details").border_title = "Layer Details"
             self.query_one("#image-details").border_title = "Image Details"
             self.fill_layers()
-            self.run_worker(self.load_image_details, thread=True, exclusive=True, group="details")
+            # After the first frame: the pass over every layer's events would share the GIL with it.
+            self.call_after_refresh(self.run_worker, self.load_image_details, thread=True, exclusive=True,
+                                    group="details")
 
         def fill_layers(self) -> None:
             table = self.query_one("#layers", LayersTable)
@@ -361,11 +412,12 @@ def _app_class():
             table.add_column("#", key="pos")
             table.add_column("Size", key="size")
             table.add_column("Command", key="cmd")
+            self.cmp_cells = set()  # the layers whose Cmp cell is marked
             for layer in self.ex.layers():
                 # Text, not str: a cell string is markup, and `app:x:1000` would show an emoji.
                 table.add_row(" ", str(layer["position"]), human(layer["size"]),
-                              Text(render.trunc(layer["created_by"], 200)), key=str(layer["position"]))
-            table.move_cursor(row=self.state.t - 1, animate=False)
+                              Text(render.trunc(layer["created_by"], 80)), key=str(layer["position"]))
+            table.move_cursor(row=self.state.layer - 1, animate=False)
             self.show_layer()
 
         def load_image_details(self) -> None:
@@ -386,15 +438,15 @@ def _app_class():
             t.append(f"Image name: {d['image']}\nTotal Image size: {human(d['total_size'])}\n"
                      f"Potential wasted space: {human(d['wasted_bytes'])}\n"
                      f"Image efficiency score: {100 * d['efficiency']:.2f} %\n")
-            if d["top_wasted"]:
-                t.append(f"{'Count':>5}  {'Wasted':>8}  Path\n", style="bold")
+            if d["top_wasted"]:  # dive's list: paths seen twice or more, all their bytes
+                t.append(f"{'Count':>5}  {'Total Space':>11}  Path\n", style="bold")
                 for w in d["top_wasted"]:
-                    t.append(f"{w['count']:>5}  {human(w['size']):>8}  {w['path']}\n")
+                    t.append(f"{w['count']:>5}  {human(w['size']):>11}  {w['path']}\n")
             self.query_one("#image-details", Static).update(t)
 
         def show_layer(self) -> None:
             s = self.state
-            d = self.ex.layer_details(s.t)
+            d = self.ex.layer_details(s.layer)
             text = Text()
             for label, value in (("Tags", ", ".join(d["tags"]) or "(none)"), ("Id", d["layer_id"]),
                                  ("Diff id", d["diff_id"]), ("Size", human(d["size"]))):
@@ -404,10 +456,14 @@ def _app_class():
             text.append(d["created_by"] or "(none)")
             self.query_one("#layer-details", Static).update(text)
             table = self.query_one("#layers", LayersTable)
-            for layer in range(1, self.ex.top + 1):
-                table.update_cell(str(layer), "cmp", "█" if s.b < layer <= s.t else " ")
-            self.query_one("#right").border_title = (
-                f"Layer {s.t} of {self.ex.top}: " + ("aggregated changes" if s.aggregated else "this layer's changes"))
+            lo = 0 if s.against is not None else s.b  # another image: the whole view at t is compared
+            marked = set(range(lo + 1, s.t + 1))
+            for layer in marked ^ self.cmp_cells:  # each update re-measures the table: only the changes
+                table.update_cell(str(layer), "cmp", "█" if layer in marked else " ")
+            self.cmp_cells = marked
+            self.query_one("#right").border_title = f"Layer {s.t} of {self.ex.top}: " + {
+                "aggregated": "aggregated changes", "this layer": "this layer's changes"}.get(
+                s.mode, "changes of " + s.mode if s.mark is not None else s.mode)
             self.tree_changed()
 
         def tree_changed(self) -> None:
@@ -416,8 +472,9 @@ def _app_class():
 
         def cursor_moved(self) -> None:
             s = self.state
-            parts = [f"layer {s.t}/{self.ex.top}", "aggregated" if s.aggregated else "this layer",
-                     f"sort: {s.sort}"]
+            parts = [f"layer {s.layer}/{self.ex.top}", s.mode, f"sort: {s.sort}"]
+            if s.mark is not None and s.mark == s.layer:
+                parts[1] = f"range from {s.mark}: move to its other end"
             if s.hidden:
                 parts.append("hidden: " + ",".join(MARK_NAMES[m] for m in "ARMU" if m in s.hidden))
             if s.filter:
@@ -441,12 +498,41 @@ def _app_class():
             if event.data_table.id != "layers" or event.cursor_row != event.data_table.cursor_row:
                 return  # another table's, or stale: the cursor has moved on since (the first highlight on mount)
             t = int(event.row_key.value)
-            if t != self.state.t:
+            if t != self.state.layer:
                 self.state.set_layer(t)
                 self.show_layer()
 
+        def selected_layer(self) -> int:
+            """The layers pane's cursor: a key typed right after a move can come before
+            the table's highlight message, so the state may not have it yet."""
+            t = self.query_one("#layers", LayersTable).cursor_row + 1
+            if 1 <= t <= self.ex.top and t != self.state.layer:
+                self.state.set_layer(t)
+            return self.state.layer
+
         def action_aggregated(self, on: bool) -> None:
-            self.state.set_layer(self.state.t, on)
+            self.state.set_layer(self.selected_layer(), on)
+            self.show_layer()
+
+        def action_range(self) -> None:
+            s = self.state
+            s.set_range(None if s.mark is not None else self.selected_layer())
+            self.show_layer()
+
+        def action_compare(self) -> None:
+            f = self.query_one("#compare", Input)
+            f.value = ""
+            f.add_class("on")
+            f.focus()
+
+        def compare_with(self, ref: str) -> None:
+            if not ref:
+                self.state.compare_with(None)
+            else:
+                other = self.guard(self.db.explorer, ref)
+                if other is None:
+                    return
+                self.guard(self.state.compare_with, other)
             self.show_layer()
 
         # Tree ------------------------------------------------------------------------
@@ -465,6 +551,11 @@ def _app_class():
             f.focus()
 
         def on_input_submitted(self, event) -> None:
+            if event.input.id == "compare":
+                event.input.remove_class("on")
+                self.query_one(TreeView).focus()
+                self.compare_with(event.value.strip())
+                return
             if event.input.id != "filter":
                 return
             self.guard(self.state.apply_filter, event.value.strip())
@@ -474,6 +565,11 @@ def _app_class():
             self.tree_changed()
 
         def action_clear_filter(self) -> None:
+            c = self.query_one("#compare", Input)
+            if c.has_class("on"):  # esc cancels the compare prompt only
+                c.remove_class("on")
+                self.query_one(TreeView).focus()
+                return
             f = self.query_one("#filter", Input)
             f.value = ""
             f.remove_class("on")
@@ -599,16 +695,16 @@ def _app_class():
 
         def action_shared(self) -> None:
             e = self.state.current
-            rows = self.ex.sharing(self.state.t)
+            rows = self.ex.sharing(self.state.layer)
             if not rows:
-                self.notify(f"no other image holds layer {self.state.t}")
+                self.notify(f"no other image holds layer {self.state.layer}")
                 return
 
             def enter(i: int) -> None:
                 self.pop_screen()
                 self.open_image(rows[i]["image"], rows[i]["position"], e.shown if e else "/")
 
-            self.push_screen(TableScreen(f"Images that share layer {self.state.t}", ["IMAGE", "POS", "LAYER"],
+            self.push_screen(TableScreen(f"Images that share layer {self.state.layer}", ["IMAGE", "POS", "LAYER"],
                                          [[r["label"], str(r["position"]), render.short(r["layer_id"])] for r in rows],
                                          enter))
 
@@ -663,6 +759,12 @@ def _app_class():
             self.push_screen(FindScreen())
 
         # Help and leaving ---------------------------------------------------------------
+
+        def action_next_theme(self) -> None:
+            names = list(THEMES.values())
+            self.theme = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
+            self.query_one(TreeView).refresh()
+            self.notify(f"theme {self.theme}")
 
         def action_help(self) -> None:
             self.push_screen(TextScreen("layerdb explore: keys", Text(HELP)))

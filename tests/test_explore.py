@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, manifest_of_dir, oracle_positions
 from test_audit import oracle_diff, oracle_dir, oracle_view
+from test_explore_efficiency import dive_score, images_of, trees_of
 
 SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
 SAMPLE2 = REPO_FIXTURES / "images" / "sample2.oci.tar"
@@ -103,11 +104,13 @@ def test_layers_and_details_are_the_images_history(db):
     assert top["tags"] == ["sample:1.0"] and ex.layer_details(1)["tags"] == []
     assert top["created_by"] == index["layers"][-1]["created_by"]  # whole, not cut
     d = ex.image_details()
-    w = db.waste("sample:1.0")
-    assert (d["efficiency"], d["wasted_bytes"]) == (w["efficiency"], w["wasted_bytes"])
-    assert d["total_size"] == sum(x["size"] for x in got)
-    assert sum(x["size"] for x in d["top_wasted"]) == w["wasted_bytes"]  # fewer than TOP_WASTED paths here
-    assert d["top_wasted"][0] == {"path": "/etc/passwd", "count": 1, "size": 82}
+    want = dive_score(*trees_of(images_of(SAMPLE)[0][1]))  # dive's rules on the layer tars themselves
+    assert (d["efficiency"], d["wasted_bytes"], d["user_wasted_percent"]) == (
+        want["efficiency"], want["wasted_bytes"], want["wasted_user_percent"])
+    assert d["total_size"] == sum(x["size"] for x in got) == want["size_bytes"]
+    assert {(x["path"].encode(), x["count"], x["size"]) for x in d["top_wasted"]} == want["inefficient"]
+    # /etc/passwd: 82 bytes in layer 1, 120 in layer 3: dive counts both
+    assert d["top_wasted"][0] == {"path": "/etc/passwd", "count": 2, "size": 202}
 
 
 def test_a_directory_listing_replays_that_directory_only(db, monkeypatch):
@@ -258,3 +261,52 @@ def test_other_commands_do_not_import_textual():
             " print('textual' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("archive,oracle", CASES[:1] + CASES[2:4])
+def test_a_range_of_layers_is_the_oracle_diff_of_its_ends(db, archive, oracle):
+    ex = explored(db, archive)
+    odir = oracle_dir(archive, oracle)
+    ts = db.explorer_tree(ex, 1)
+    for mark in range(1, ex.top + 1):
+        ts.set_range(mark)
+        for layer in range(1, ex.top + 1):
+            ts.set_layer(layer)  # either way round: the range is min..max
+            lo, hi = sorted((mark, layer))
+            assert (ts.t, ts.b, ts.layer) == (hi, lo - 1, layer)
+            shown = rows_by_path(opened(ts))
+            want = {(p, {"A": "A", "D": "R", "C": "M"}[c])
+                    for p, c, _ in oracle_diff(oracle_view(odir, lo - 1), oracle_view(odir, hi))}
+            assert {(p, e.mark) for p, e in shown.items() if e.mark != "U"} == want, (lo, hi)
+            assert {p for p, e in shown.items() if e.mark != "R"} == set(oracle_view(odir, hi)), (lo, hi)
+    ts.set_layer(3, aggregated=False)  # a or l leave the range
+    assert (ts.mark, ts.t, ts.b, ts.mode) == (None, 3, 2, "this layer")
+
+
+def test_against_another_image_is_the_oracle_diff_of_the_two_views(db):
+    ex = explored(db, SAMPLE, "sample:1.0")
+    other = explored(db, SAMPLE2, "sample2:1.0")
+    mine, theirs = oracle_dir(SAMPLE, "sample"), oracle_dir(SAMPLE2, "sample2")
+    ts = db.explorer_tree(ex)
+    ts.compare_with(other)
+    assert ts.mode == "against sample2:1.0"
+    for t in range(1, ex.top + 1):
+        ts.set_layer(t)
+        shown = rows_by_path(opened(ts))
+        top = oracle_view(theirs, other.top)
+        want = {(p, {"A": "A", "D": "R", "C": "M"}[c]) for p, c, _ in oracle_diff(top, oracle_view(mine, t))}
+        assert {(p, e.mark) for p, e in shown.items() if e.mark != "U"} == want, t
+        # Removed names show as the other image has them.
+        for p, e in shown.items():
+            if e.mark == "R" and top[p]["type"] == "f":
+                assert (e.size, e.sha256.hex()) == (top[p]["size"], top[p]["sha256"]), p
+    # The filter finds names of either view; the engine's diff agrees.
+    ts.set_layer(ex.top)
+    gone = sorted(p for p, c, _ in oracle_diff(oracle_view(theirs, other.top), oracle_view(mine, ex.top)) if c == "D")
+    assert gone, "sample2 has files that sample lacks"
+    ts.apply_filter(gone[0])
+    assert gone[0] in {r.entry.shown for r in ts.rows}
+    assert {(r["path"], r["change"]) for r in db.diff("sample2:1.0", "sample:1.0")} == {
+        (p, c) for p, c, _ in oracle_diff(oracle_view(theirs, other.top), oracle_view(mine, ex.top))}
+    ts.compare_with(None)
+    assert ts.mode == "this layer" and ts.b == ex.top - 1

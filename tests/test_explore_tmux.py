@@ -4,6 +4,7 @@ keys go in as a terminal sends them (Ctrl+Space arrives as ctrl+@, Ctrl+O as
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import os
@@ -18,6 +19,7 @@ from conftest import REPO_FIXTURES
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
+SAMPLE2 = REPO_FIXTURES / "images" / "sample2.oci.tar"  # sample's base, then /srv (for comparing images)
 WIDTH, HEIGHT = 120, 36
 _ids = itertools.count()
 
@@ -29,6 +31,7 @@ def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("explore") / "store.sqlite"
     with LayerDB(path) as db:
         db.import_archive(str(SAMPLE))
+        db.import_archive(str(SAMPLE2))
     return path
 
 
@@ -78,6 +81,9 @@ class Term:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        # kill-server leaves the socket file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", self.socket))
 
 
 def _quote(s: str) -> str:
@@ -131,7 +137,17 @@ def test_first_frame_then_q_quits_with_0_and_restores_the_screen(term):
     assert s[0].startswith("╭─ Layers ") and "╭─ Layer 6 of 6: this layer's changes ─" in s[0]
     assert "│  Permission   UID:GID     Size  Filetree" in s[1]
     assert status(s) == "layer 6/6 │ this layer │ sort: name │ /app   ? help  q quit"
-    t.wait_for("Image efficiency score: 99.99 %")
+    s = t.wait_for("Image efficiency score: 99.99 %")  # dive's: 1982805 / 1983033 bytes
+    at = next(i for i, line in enumerate(s) if "Potential wasted space" in line)
+    assert [line[:54] for line in s[at:at + 8]] == [
+        "│ Potential wasted space: 372B                       │",
+        "│ Image efficiency score: 99.99 %                    │",
+        "│ Count  Total Space  Path                           │",
+        "│     2         202B  /etc/passwd                    │",
+        "│     2         125B  /app/config.ini                │",
+        "│     2          20B  /app/cache/seed.txt            │",
+        "│     2          16B  /app/old.log                   │",
+        "│     2           9B  /app/cache/index.txt           │"]
     t.keys("q")
     s = t.wait_for("EXIT=")
     assert "EXIT=0" in s and not any("Layers" in line for line in s)  # the shell's screen is back
@@ -149,7 +165,8 @@ def test_filter_enter_n_and_escape(term):
                                      "R -rw-r--r--       0:0       9B      │   ├── index.txt",
                                      "A -rw-r--r--       0:0       2B      │   ├── new",
                                      "R -rw-r--r--       0:0      20B      │   └── seed.txt",
-                                     "U -rw-r--r--       0:0      63B      └── config.ini"])
+                                     "U -rw-r--r--       0:0      63B      └── config.ini"]
+                         and "filter" in status(s))  # the status bar may draw a frame later
     assert status(s) == "layer 6/6 │ this layer │ sort: name │ filter '/app/c': 5 matches │ /app/cache   ? help  q quit"
     t.keys("n", "n")  # focus is back on the tree: n moves to the next match
     assert status(t.wait_for("/app/cache/new ")).endswith("│ /app/cache/new   ? help  q quit")
@@ -267,3 +284,141 @@ def test_a_bad_ref_is_one_line_and_no_screen(term):
     s = t.wait_for("EXIT=")
     assert any(line.startswith("layerdb: error: no image, layer or container matches") for line in s)
     assert "EXIT=0" not in s
+
+
+def cmp_column(screen: list[str]) -> list[str]:
+    """The layers whose Cmp cell is marked: the compared range."""
+    return [m.group(1) for line in screen if (m := re.match(r"│ █ +(\d+) ", line))]
+
+
+def test_a_range_of_layers_v_then_move(term):
+    t = term("sample:1.0")
+    t.wait_for("└── tmp/")
+    t.keys("Tab", "Up", "v")  # layer 5 is one end
+    s = t.wait(lambda s: "range from 5" in status(s))
+    assert status(s) == "layer 5/6 │ range from 5: move to its other end │ sort: name │ /app   ? help  q quit"
+    t.keys("Up", "Tab", "Enter")  # layer 4 the other: the changes of layers 4 and 5, the view at 5
+    s = t.wait(lambda s: tree(s)[:11] == [
+        "U drwxr-xr-x       0:0        -  ├── app",
+        "A -rw-r--r--       0:0       4B  │   ├── VERSION",  # layer 5: echo 1.0 > /app/VERSION
+        "U drwxr-xr-x       0:0        -  │   ├── cache/",
+        "U -rw-r--r--       0:0      63B  │   ├── config.ini",
+        "R drwxr-xr-x       0:0        -  │   ├── docs/",  # layer 4: rm /app/old.log && rm -rf /app/docs
+        "R -rw-r--r--       0:0      16B  │   ├── old.log",
+        "U -rwxr-xr-x       0:0     162B  │   ├── run.sh",
+        "A -rw-r--r--       0:0      63B  │   ├── settings.ini",
+        "A -rw-r--r--       0:0       4B  │   └── version.txt",
+        "U drwxr-xr-x       0:0        -  ├── bin/",
+        "U drwxr-xr-x       0:0        -  ├── dev/"] and "layers 4-5" in status(s) and len(cmp_column(s)) == 2)
+    assert "╭─ Layer 5 of 6: changes of layers 4-5 ─" in s[0]
+    assert status(s) == "layer 4/6 │ layers 4-5 │ sort: name │ /app   ? help  q quit"
+    assert cmp_column(s) == ["4", "5"]
+    t.keys("Tab", "Down", "Down")  # back in the layers pane, past the mark: layers 5-6
+    s = t.wait(lambda s: "changes of layers 5-6" in s[0] and "5-6" in status(s) and "4" not in cmp_column(s))
+    assert cmp_column(s) == ["5", "6"] and "│ layers 5-6 │" in status(s)
+    marked = [r for r in tree(s) if r[0] in "ARM"]
+    assert marked == ["A -rw-r--r--       0:0       4B  │   ├── VERSION",  # layer 4's removals are gone
+                      "A -rw-r--r--       0:0      63B  │   ├── settings.ini",
+                      "A -rw-r--r--       0:0       4B  │   └── version.txt"]
+    t.keys("v")  # v again ends the range: this layer's changes
+    s = t.wait(lambda s: "╭─ Layer 6 of 6: this layer's changes ─" in s[0] and len(cmp_column(s)) == 1)
+    assert cmp_column(s) == ["6"] and status(s).startswith("layer 6/6 │ this layer │")
+    t.keys("q")
+    assert "EXIT=0" in t.wait_for("EXIT=")
+
+
+AGAINST_SAMPLE2 = ["A drwxr-xr-x       0:0        -  ├── app/", "U drwxr-xr-x       0:0        -  ├── bin/",
+                   "U drwxr-xr-x       0:0        -  ├── dev/", "U drwxr-xr-x       0:0        -  ├── etc/",
+                   "U drwxr-xr-x       0:0        -  ├── proc/", "U drwx------       0:0        -  ├── root/",
+                   "U drwxr-xr-x       0:0        -  ├── run/", "R drwxr-xr-x       0:0        -  ├── srv/",
+                   "U drwxr-xr-x       0:0        -  ├── sys/", "U drwxrwxrwt       0:0        -  └── tmp/"]
+
+
+def test_compare_with_another_image_c_and_compare_option(term):
+    t = term("sample:1.0")
+    t.wait_for("└── tmp/")
+    t.keys("c")
+    t.text("nosuch:1")
+    t.keys("Enter")  # a bad REF: a notice, the comparison unchanged
+    s = t.wait_for("no image, layer or container matches 'nosuch:1'")
+    assert tree(s)[:len(ROOT)] == ROOT and status(s).startswith("layer 6/6 │ this layer │")  # the notice overlays below
+    t.keys("c")
+    t.text("sample2:1.0")
+    t.keys("Enter")
+    s = t.wait(lambda s: tree(s) == AGAINST_SAMPLE2 and "against" in status(s))
+    assert "╭─ Layer 6 of 6: against sample2:1.0 ─" in s[0]
+    assert status(s) == "layer 6/6 │ against sample2:1.0 │ sort: name │ /app   ? help  q quit"
+    t.keys("j", "j", "j", "Enter")  # /etc: sample's motd and passwd against sample2's
+    s = t.wait(lambda s: "│ /etc " in status(s) and len(tree(s)) > len(AGAINST_SAMPLE2))
+    assert [r for r in tree(s) if r.startswith(("A", "R", "M"))] == [
+        "A drwxr-xr-x       0:0        -  ├── app/", "A -rw-r--r--       0:0      37B  │   ├── motd",
+        "M -rw-r--r--       0:0     120B  │   ├── passwd", "R drwxr-xr-x       0:0        -  ├── srv/"]
+    t.keys("c", "Enter")  # an empty REF ends the comparison
+    s = t.wait(lambda s: status(s).startswith("layer 6/6 │ this layer │") and "this layer's" in s[0])
+    t.keys("q")
+    assert "EXIT=0" in t.wait_for("EXIT=")
+    u = term("sample:1.0", "--compare", "sample2:1.0")
+    s = u.wait(lambda s: tree(s) == AGAINST_SAMPLE2 and "against" in status(s))
+    assert "│ against sample2:1.0 │" in status(s)
+    u.keys("?")
+    s = u.wait_for("layerdb explore: keys")
+    assert any(line.startswith("v                    a range of layers") for line in s)
+    assert any(line.startswith("c                    compare with another image") for line in s)
+    u.keys("q", "q")
+    assert "EXIT=0" in u.wait_for("EXIT=")
+
+
+def _colours(screen: list[str]) -> tuple[dict[str, str], set[str]]:
+    """The SGR colour codes drawn just before each root name, and every colour code on the screen."""
+    text = "\n".join(screen)
+    before = {name: ";".join(re.findall(r"\x1b\[([0-9;]*)m", m.group(1)))
+              for name in ("app/", "bin/", "srv/") if (m := re.search(r"((?:\x1b\[[0-9;]*m)+)" + name, text))}
+    codes = set()
+    for sgr in re.findall(r"\x1b\[([0-9;]*)m", text):
+        parts = sgr.split(";")
+        for i, p in enumerate(parts):
+            if p in ("38", "48") and i + 1 < len(parts):
+                codes.add(";".join(parts[i:i + (3 if parts[i + 1] == "5" else 5)]))
+    return before, codes
+
+
+def _grey(code: str) -> bool:
+    parts = [int(x) for x in code.split(";")[1:]]
+    if parts[0] == 5:
+        return parts[1] in (0, 7, 8, 15, 16, 231) or 232 <= parts[1] <= 255
+    return parts[1] == parts[2] == parts[3]
+
+
+def test_themes_light_and_no_colour(term):
+    shots = {}
+    for name, args, env in (("dark", [], None), ("light", ["--theme", "light"], None),
+                            ("none", ["--theme", "none"], None), ("NO_COLOR", [], {"NO_COLOR": "1"})):
+        t = term("sample:1.0", "--compare", "sample2:1.0", *args, env=env)
+        t.wait(lambda s: tree(s) == AGAINST_SAMPLE2)  # the same rows in every theme
+        time.sleep(0.3)
+        shots[name] = _colours(t.screen(colours=True))
+        if name == "dark":
+            t.keys("T")  # the next theme, in place
+            t.wait_for("theme textual-light")
+            time.sleep(0.3)
+            shots["T"] = _colours(t.screen(colours=True))
+        t.keys("q")
+        assert "EXIT=0" in t.wait_for("EXIT=")
+    dark, light = shots["dark"], shots["light"]
+    # Added, removed and unmarked names are told apart by colour, in both themes.
+    for before, _ in (dark, light):
+        assert len({before["app/"], before["srv/"], before["bin/"]}) == 3
+    assert any(not _grey(c) for c in dark[1]) and any(not _grey(c) for c in light[1])
+    backgrounds = [{c for c in codes if c.startswith("48")} for _, codes in (dark, light, shots["T"])]
+    assert backgrounds[0] != backgrounds[1] and backgrounds[2] & backgrounds[1] - backgrounds[0]
+    # No colour: only greys, as NO_COLOR asks; the marks' letters still say what changed.
+    for name in ("none", "NO_COLOR"):
+        assert shots[name][1] and all(_grey(c) for c in shots[name][1]), name
+    assert shots["none"] == shots["NO_COLOR"]
+
+
+def test_a_bad_theme_is_one_line(term):
+    t = term("sample:1.0", "--theme", "nosuch")
+    s = t.wait_for("EXIT=")
+    assert any(line.startswith("layerdb: error: Invalid value for --theme: 'nosuch'") for line in s)
+    assert "EXIT=2" in s

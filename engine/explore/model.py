@@ -1,17 +1,21 @@
 """What `layerdb explore` shows, computed from the store: no UI toolkit here.
 
 The file tree never replays the image whole.  A directory's listing replays
-only the events that decide that directory and its children (replay.below
-and replay.decided_events, as `view DIR` does), for the two views it compares;
-a directory is listed when the user opens it.  So a 200k-file image opens as
-fast as a small one, and memory follows what the user has opened.
+only the events that decide that directory and the children read (as `view
+DIR` does, with replay.decided_events), for the two views it compares; a
+directory is listed when the user opens it, WINDOW names at a time (a skip scan
+of the path index), the next window when the user scrolls to it.  So a
+200k-file image, or a 200k-name directory, opens as fast as a small one, and
+memory follows what the user has opened and scrolled through.
 
-Marks compare two views of the image's chain: the view at the selected layer
-t and the view at b below it.  "This layer's changes" takes b = t - 1;
-"aggregated" takes b = 1, the base layer, as dive compares against its bottom
-layer (at t = 1 both take b = 0: everything the base layer holds is added).
-A mark is the engine's `diff` of the two nodes: A added, M changed (content,
-metadata or type), R removed, U unmodified.
+Marks compare two views: the view at the selected layer t and a base view.
+The base is the view at b below t in the image's own chain: "this layer's
+changes" takes b = t - 1; "aggregated" takes b = 1, the base layer, as dive
+compares against its bottom layer (at t = 1 both take b = 0: everything the
+base layer holds is added); a range of layers lo..hi shows the view at hi
+against b = lo - 1.  Or the base is another image's top view (a base given as
+that image's Explorer).  A mark is the engine's `diff` of the two nodes:
+A added, M changed (content, metadata or type), R removed, U unmodified.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from ..errors import LayerdbError, NotFound, UsageError
 from ..kinds import OPAQUE
 from ..paths import parent, parse_path, show_path
 from ..reader import Reader
-from ..replay import View, below, decided_events, in_diffs, tree_key
+from ..replay import View, decided_events, in_diffs, tree_key
 from ..audit.common import state
 from ..audit.diffs import classify
 from ..audit.search import Finder, find, path_filter
 from ..audit.timeline import log, patch
-from ..audit.wasted import waste
+from .efficiency import dive_efficiency
 
 ADDED, MODIFIED, REMOVED, UNMODIFIED = "A", "M", "R", "U"
 MARKS = (ADDED, REMOVED, MODIFIED, UNMODIFIED)  # the order of keys 1 2 3 4
@@ -42,7 +46,8 @@ VIEW_LIMIT = 256 << 10  # bytes of a file shown in the app; the pager gets all o
 HEX_HEAD = 256  # bytes of a binary file shown as hex
 MATCH_LIMIT = 5000  # filter matches kept (in tree order); the status bar says when there were more
 TOP_WASTED = 20
-_LISTINGS = 512  # directory listings kept (each is the directory's children, a few hundred bytes each)
+_LISTINGS = 512  # directory listings kept (each is the children read, a few hundred bytes each)
+WINDOW = 1000  # names of a directory read at a time: a 200k-name directory opens as fast as a small one
 
 
 @dataclass(slots=True)
@@ -75,13 +80,24 @@ class Entry:
 
 
 @dataclass(slots=True)
+class _Listing:
+    """A directory's names read so far: the first windows, in order, and names read
+    out of order beyond them (extra)."""
+
+    entries: list[Entry]
+    after: bytes | None  # the last path read; None: every name is read
+    extra: dict[bytes, Entry]
+
+
+@dataclass(slots=True)
 class Row:
     """A visible line of the tree: an entry, its depth and its tree guides."""
 
-    entry: Entry
+    entry: Entry  # for a `more` row, a stand-in whose path is the directory's
     depth: int
     guides: str  # "│   ├── " and the like, for the depth
     expanded: bool
+    more: bool = False  # the directory has names not read yet: reaching this row reads them
 
 
 class Explorer:
@@ -98,7 +114,7 @@ class Explorer:
                                                           (li.diff_rowid,)) for li in self.r.layers}
         if not self.r.layers:
             raise UsageError(f"{ref}: the image has no layers to explore")
-        self._listings: OrderedDict[tuple[int, int, bytes], list[Entry]] = OrderedDict()
+        self._listings: OrderedDict[tuple, _Listing] = OrderedDict()
         self._touched: dict[tuple[int, int], set[bytes]] = {}
         self._dir_sizes: dict[int, dict[bytes, int]] = {}
         self._details: dict | None = None
@@ -151,69 +167,154 @@ class Explorer:
                 "size": self._sizes[t], "created_by": self.steps.get(t) or ""}
 
     def image_details(self) -> dict:
-        """Total size, dive's efficiency, wasted bytes and the files that waste the
-        most (audit.wasted: one pass over the image, partition by partition)."""
+        """Total size, efficiency, wasted bytes and the inefficient files, as dive
+        computes them (efficiency.py: one pass over the layers' events)."""
         if self._details is None:
-            w = waste(self.db, self.ref)
-            per_path: dict[str, list[int]] = {}
-            for f in w["files"]:
-                c = per_path.setdefault(f["path"], [0, 0])
-                c[0] += 1
-                c[1] += f["size"]
-            top = sorted(per_path.items(), key=lambda kv: (-kv[1][1], kv[0]))[:TOP_WASTED]
+            with self.store.read():
+                d = dive_efficiency(self.store, self.r.chain, TOP_WASTED)
             self._details = {
                 "image": self.label,
-                "total_size": sum(self._sizes.values()),
-                "efficiency": w["efficiency"],
-                "wasted_bytes": w["wasted_bytes"],
-                "user_wasted_percent": w["user_wasted_percent"],
-                "top_wasted": [{"path": p, "count": c, "size": s} for p, (c, s) in top],
+                "total_size": d["size_bytes"],
+                "efficiency": d["efficiency"],
+                "wasted_bytes": d["wasted_bytes"],
+                "user_wasted_percent": d["wasted_user_percent"],
+                "top_wasted": [{"path": show_path(i["path"]), "count": i["count"], "size": i["size"]}
+                               for i in d["inefficiencies"]],
             }
         return self._details
 
     # The tree ----------------------------------------------------------------------
 
-    def children(self, d: bytes, t: int, b: int) -> list[Entry]:
-        """The names in directory d in the view at t or at b (removed ones), marked,
-        sorted by raw bytes.  Only d and its children are replayed."""
+    def chain_of(self, b: "int | Explorer") -> list[tuple[int, int]]:
+        """The base's chain: b layers of this image, or another image's whole chain."""
+        return b.r.chain if isinstance(b, Explorer) else self.r.chain[:b]
+
+    @staticmethod
+    def _key(b: "int | Explorer"):
+        return ("image", tuple(b.r.chain)) if isinstance(b, Explorer) else b
+
+    def children(self, d: bytes, t: int, b: "int | Explorer") -> list[Entry]:
+        """The names in directory d in the view at t or in the base view b (removed
+        ones), marked, sorted by raw bytes: those read so far.  A directory is read
+        WINDOW names at a time (more_names, read_more); only d and the names read
+        are replayed."""
+        listing = self._listing(d, t, b)
+        return listing.entries + [listing.extra[p] for p in sorted(listing.extra)] if listing.extra \
+            else listing.entries
+
+    def more_names(self, d: bytes, t: int, b: "int | Explorer") -> bool:
+        """Whether directory d has names not read yet."""
+        return self._listing(d, t, b).after is not None
+
+    def read_more(self, d: bytes, t: int, b: "int | Explorer") -> None:
+        """Read directory d's next WINDOW names."""
+        listing = self._listing(d, t, b)
+        if listing.after is not None:
+            self._read_window(listing, d, t, b)
+
+    def ensure(self, d: bytes, t: int, b: "int | Explorer", paths) -> None:
+        """Read these children of d too (a filter's match, a jump's target), whatever
+        window they lie in."""
+        listing = self._listing(d, t, b)
+        want = sorted(p for p in paths if listing.after is not None and p > listing.after and p not in listing.extra)
+        if not want:
+            return
+        with self.store.read():
+            ids = []
+            for i in range(0, len(want), 500):
+                part = want[i:i + 500]
+                ids += self.store.execute(f"SELECT id, path FROM path WHERE path IN ({','.join('?' * len(part))})",
+                                          part).fetchall()
+            entries = self._entries(d, t, b, ids)
+        listing.extra.update((e.path, e) for e in entries)
+
+    def _listing(self, d: bytes, t: int, b: "int | Explorer") -> "_Listing":
         self._check(t)
-        key = (t, b, d)
+        key = (t, self._key(b), d)
         hit = self._listings.get(key)
         if hit is not None:
             self._listings.move_to_end(key)
             return hit
-        chain_t, chain_b = self.r.chain[:t], self.r.chain[:b]
+        listing = _Listing([], b"", {})
+        self._read_window(listing, d, t, b)
+        self._listings[key] = listing
+        if len(self._listings) > _LISTINGS:
+            self._listings.popitem(last=False)
+        return listing
+
+    def _read_window(self, listing: "_Listing", d: bytes, t: int, b: "int | Explorer") -> None:
+        chains = [self.r.chain[:t], self.chain_of(b)]
         with self.store.read():
-            # chain_b is a prefix of chain_t: the paths named below d in chain_t cover both.
-            kids = below(self.store, chain_t, d, children=True)
-            chains = [chain_t, chain_b] if b else [chain_t]
-            events = decided_events(self.store, chains, [d], known=kids)
+            names, listing.after = self._names(d, chains, listing.after, WINDOW)
+            entries = self._entries(d, t, b, names)
+        for e in entries:
+            listing.extra.pop(e.path, None)
+        listing.entries.extend(entries)
+
+    def _names(self, d: bytes, chains, after: bytes, limit: int) -> tuple[list[tuple[int, bytes]], bytes | None]:
+        """Up to `limit` (id, path) children of d after `after` that an event of the
+        chains names (every name a view can hold), in byte order, and the last one
+        read (None: no more).  A skip scan of the path index: one seek per child,
+        past each child's subtree, so a directory with a large subtree but few
+        children costs those few, and a window of a huge directory costs the window."""
+        cond, diffs = in_diffs([x for c in chains for _, x in c])
+        prefix = d + b"/" if d else b""
+        bound = " AND path < ?" if d else ""
+        tail = [d + b"0"] if d else []
+        last = max(after, prefix) if prefix else after  # the last child read (exclusive bound)
+        cur, op = last, ">"
+        out: list[tuple[int, bytes]] = []
+        while len(out) < limit:
+            row = self.store.execute(f"SELECT id, path FROM path WHERE path {op} ?{bound} ORDER BY path LIMIT 1",
+                                     [cur] + tail).fetchone()
+            if row is None:
+                return out, None
+            pid, p = row
+            cut = p.find(b"/", len(prefix))
+            if cut >= 0:  # below a child: past its subtree ('0' follows '/'; a child named so is kept)
+                cur, op = p[:cut] + b"0", ">="
+                continue
+            last = cur = p
+            op = ">"
+            if self.store.execute(f"SELECT 1 FROM event e INDEXED BY event_by_path WHERE e.path_id = ? AND {cond}"
+                                  " LIMIT 1", [pid] + diffs).fetchone():
+                out.append((pid, p))
+        return out, last
+
+    def _entries(self, d: bytes, t: int, b: "int | Explorer", kids: list[tuple[int, bytes]]) -> list[Entry]:
+        chain_t, chain_b = self.r.chain[:t], self.chain_of(b)
+        chains = [chain_t, chain_b] if chain_b else [chain_t]
+        events = decided_events(self.store, chains, [d], known=kids)
         vt = View().replay(events[0])
-        vb = View().replay(events[1]) if b else View()
+        vb = View().replay(events[1]) if chain_b else View()
         touched = self.touched(t, b)
         sizes = self._dir_sizes.get(t, {})
         out = []
-        for p in sorted(vt.children.get(d, set()) | vb.children.get(d, set())):
+        for _, p in kids:
             old, new = vb.nodes.get(p), vt.nodes.get(p)
+            if old is None and new is None:
+                continue  # named, but in neither view
             c = classify(state(old), state(new))
             node = new if new is not None else old
             out.append(Entry(p, node.type, node.mode, node.uid, node.gid,
                              node.size if node.type == "f" else sizes.get(p), node.link, node.sha256,
                              UNMODIFIED if c is None else _CHANGE_MARK[c[0]],
                              p in touched, "d" in (old.type if old else None, new.type if new else None)))
-        self._listings[key] = out
-        if len(self._listings) > _LISTINGS:
-            self._listings.popitem(last=False)
         return out
 
-    def touched(self, t: int, b: int) -> set[bytes]:
-        """The directories with an event of positions b+1..t below them (an opaque
-        directory counts itself): where the compared views can differ."""
-        key = (t, b)
+    def touched(self, t: int, b: "int | Explorer") -> set[bytes]:
+        """The directories with an event below them (an opaque directory counts
+        itself) in the layers the two chains do not share: where the compared
+        views can differ.  For b a position below t, those are b+1..t."""
+        key = (t, self._key(b))
         if key not in self._touched:
+            chain_t, chain_b = self.r.chain[:t], self.chain_of(b)
+            same = 0
+            while same < min(len(chain_t), len(chain_b)) and chain_t[same][1] == chain_b[same][1]:
+                same += 1
             dirs: set[bytes] = set()
             with self.store.read():
-                for _, diff in self.r.chain[b:t]:
+                for _, diff in chain_t[same:] + chain_b[same:]:
                     for kind, path in self.store.execute(
                             "SELECT e.kind, p.path FROM event e JOIN path p ON p.id = e.path_id WHERE e.diff_id = ?",
                             (diff,)):
@@ -243,15 +344,15 @@ class Explorer:
                                 q = parent(q)
                                 sizes[q] = sizes.get(q, 0) + node.size
             self._dir_sizes[t] = sizes
-            for (lt, _, _), entries in self._listings.items():
+            for (lt, _, _), listing in self._listings.items():
                 if lt == t:
-                    for e in entries:
+                    for e in [*listing.entries, *listing.extra.values()]:
                         if e.is_dir:
                             e.size = sizes.get(e.path)
         return self._dir_sizes[t]
 
-    def matches(self, pattern: str, t: int, b: int) -> tuple[list[bytes], bool]:
-        """Paths shown at t or removed since b that match, in tree order (at most
+    def matches(self, pattern: str, t: int, b: "int | Explorer") -> tuple[list[bytes], bool]:
+        """Paths shown at t or only in the base view b that match, in tree order (at most
         MATCH_LIMIT), and whether there were more.
 
         A pattern with * ? or [ is a glob over the absolute path (a relative one
@@ -259,8 +360,8 @@ class Explorer:
         the path, anchored at the root when it starts with '/'."""
         if not pattern:
             return [], False
-        chain_t = self.r.chain[:t]
-        cond, diffs = in_diffs([d for _, d in chain_t])
+        chain_t, chain_b = self.r.chain[:t], self.chain_of(b)
+        cond, diffs = in_diffs([d for _, d in chain_t + chain_b])
         in_chain = f"EXISTS (SELECT 1 FROM event e INDEXED BY event_by_path WHERE e.path_id = p.id AND {cond})"
         if any(c in pattern for c in "*?["):
             where, args = path_filter(None, pattern if pattern[0] in "/*?[" else "*/" + pattern, "p.")
@@ -277,7 +378,7 @@ class Explorer:
             found.sort(key=tree_key)
             more = len(found) > MATCH_LIMIT
             found = found[:MATCH_LIMIT]
-            chains = [chain_t, self.r.chain[:b]] if b else [chain_t]
+            chains = [chain_t, chain_b] if chain_b else [chain_t]
             views = [View().replay(evs) for evs in decided_events(self.store, chains, found)]
         return [p for p in found if any(p in v.nodes for v in views)], more
 
@@ -434,11 +535,16 @@ def hexdump(data: bytes) -> str:
 class TreeState:
     """The tree pane's state: which layer and comparison, what is open, hidden,
     filtered and sorted, the visible rows and the cursor.  Rows are rebuilt from
-    cached directory listings; only opened directories are ever listed."""
+    cached directory listings; only opened directories are ever listed.
+
+    `layer` is the layer the user selected; `t` the layer whose view is shown:
+    the same, but for a range (`mark` set), where t is the range's top."""
 
     ex: Explorer
     t: int
     aggregated: bool = False
+    mark: int | None = None  # a range's other end: the changes of layers min..max(mark, layer)
+    against: Explorer | None = None  # another image, whose top view is the base
     sort: str = "name"  # or "size": largest first
     hidden: set[str] = field(default_factory=set)
     expanded: set[bytes] = field(default_factory=set)
@@ -449,19 +555,40 @@ class TreeState:
     cursor: int = 0
 
     def __post_init__(self) -> None:
+        self.layer = self.t
         self._allowed: set[bytes] | None = None
+        self._allowed_by_dir: dict[bytes, set[bytes]] = {}
         self._match_keys: list[bytes] = []
         self.refresh()
 
     @property
-    def b(self) -> int:
+    def b(self) -> "int | Explorer":
+        """The base the marks compare against: a position of this chain, or another image."""
+        if self.against is not None:
+            return self.against
+        if self.mark is not None:
+            return min(self.mark, self.layer) - 1
         return self.ex.base(self.t, self.aggregated)
 
     @property
+    def mode(self) -> str:
+        """What the marks compare, in words (the tree's title and the status bar)."""
+        if self.against is not None:
+            return f"against {self.against.label}"
+        if self.mark is not None:
+            lo, hi = sorted((self.mark, self.layer))
+            return f"layers {lo}-{hi}" if lo < hi else "this layer"
+        return "aggregated" if self.aggregated else "this layer"
+
+    @property
     def current(self) -> Entry | None:
-        return self.rows[self.cursor].entry if self.rows else None
+        if not self.rows or self.rows[self.cursor].more:
+            return None
+        return self.rows[self.cursor].entry
 
     def children(self, d: bytes) -> list[Entry]:
+        if self._allowed is not None:
+            self.ex.ensure(d, self.t, self.b, self._allowed_by_dir.get(d, ()))
         out = []
         for e in self.ex.children(d, self.t, self.b):
             if self._allowed is not None and e.path not in self._allowed:
@@ -484,18 +611,22 @@ class TreeState:
 
         def walk(d: bytes, depth: int, prefix: str) -> None:
             kids = self.children(d)
+            more = self._allowed is None and self.ex.more_names(d, self.t, self.b)
             for i, e in enumerate(kids):
-                last = i == len(kids) - 1
+                last = i == len(kids) - 1 and not more
                 opened = e.opens and e.path in self.expanded
                 rows.append(Row(e, depth, prefix + ("└── " if last else "├── "), opened))
                 if opened:
                     walk(e.path, depth + 1, prefix + ("    " if last else "│   "))
+            if more:
+                rows.append(Row(Entry(d, "d", None, None, None, None, None, None, UNMODIFIED), depth,
+                                prefix + "└── ", False, True))
 
         walk(b"", 0, "")  # recursion as deep as the paths, which tar bounds
         self.rows = rows
         self.cursor = 0
         if keep is not None and rows:
-            index = {r.entry.path: i for i, r in enumerate(rows)}
+            index = {r.entry.path: i for i, r in enumerate(rows) if not r.more}
             q = keep
             while q and q not in index:
                 q = parent(q)
@@ -506,6 +637,17 @@ class TreeState:
     def move(self, n: int) -> None:
         if self.rows:
             self.cursor = max(0, min(len(self.rows) - 1, self.cursor + n))
+
+    def read_more(self, i: int) -> bool:
+        """Row i is a `more` row: read its directory's next window; the cursor, if
+        it was there, lands on the first name read.  False if row i is no such row."""
+        if not (0 <= i < len(self.rows) and self.rows[i].more):
+            return False
+        at = self.cursor
+        self.ex.read_more(self.rows[i].entry.path, self.t, self.b)
+        self.refresh()
+        self.cursor = min(at, len(self.rows) - 1)
+        return True
 
     def toggle(self) -> None:
         e = self.current
@@ -526,6 +668,7 @@ class TreeState:
         p = parse_path(path)
         q = p
         while q:
+            self.ex.ensure(parent(q), self.t, self.b, [q])  # in whatever window of its directory
             q = parent(q)
             if q:
                 self.expanded.add(q)
@@ -533,10 +676,28 @@ class TreeState:
         return bool(self.rows) and self.current.path == p
 
     def set_layer(self, t: int, aggregated: bool | None = None) -> None:
+        """Select layer t; `aggregated` given also leaves a range or another image's comparison."""
         self.ex._check(t)
-        self.t = t
+        self.layer = t
         if aggregated is not None:
-            self.aggregated = aggregated
+            self.aggregated, self.mark, self.against = aggregated, None, None
+        self.t = max(t, self.mark) if self.mark is not None else t
+        self._reload()
+
+    def set_range(self, mark: int | None) -> None:
+        """Compare over a range of layers: from `mark` to the selected layer, either
+        way round (None: back to the aggregated or this-layer mode)."""
+        if mark is not None:
+            self.ex._check(mark)
+        self.mark, self.against = mark, None
+        self.set_layer(self.layer)
+
+    def compare_with(self, other: Explorer | None) -> None:
+        """Compare the view at the selected layer with another image's top view (None: stop)."""
+        self.against, self.mark = other, None
+        self.set_layer(self.layer)
+
+    def _reload(self) -> None:
         if self.filter:
             self.apply_filter(self.filter)
         else:
@@ -572,6 +733,10 @@ class TreeState:
                 above.add(q)
         self.expanded |= above
         self._allowed = above | set(self.matched)
+        self._allowed_by_dir = {}
+        for q in self._allowed:
+            if q:
+                self._allowed_by_dir.setdefault(parent(q), set()).add(q)
         if self.matched:
             self.select(self.matched[0])
         else:
