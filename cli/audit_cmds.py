@@ -115,12 +115,16 @@ def find(ctx, name, path, sha256, visible, as_json):
 @click.option("--limit", type=int, default=20, show_default=True, help="Wasted files listed in the table (0: all).")
 @click.pass_context
 def waste(ctx, image, as_json, ci, lowest_efficiency, highest_wasted_bytes, highest_user_wasted_percent, limit):
-    """Efficiency score and wasted bytes per layer (dive's analysis, from the event log).
+    """dive's efficiency score and wasted bytes, and which layer wasted each file.
 
-    Wasted bytes are file contents a layer ships that the image's top view does
-    not show: overwritten or deleted by a later layer (which is named).  User
-    bytes are the file bytes of every layer but the first (the base image's);
-    the user wasted percent is wasted bytes / user bytes, as a fraction (dive's).
+    \b
+    The score, wasted bytes and user wasted percent are dive's own figures,
+    computed as dive computes them (from the event log, no tar read): a path
+    some layer names twice or more wastes all its bytes; user bytes are the
+    file bytes of every layer but the first; --ci applies dive's rules to them.
+    Below them, layerdb's own account: file contents a layer ships that the
+    top view does not show, overwritten or deleted by a later layer (which is
+    named), per layer and per file (in --json: `own`, `layers`, `files`).
     """
     from layerdb.engine.errors import UsageError, WasteCheckFailed
 
@@ -145,10 +149,13 @@ def _waste_table(report: dict, limit: int) -> None:
     name = (report["repo_tags"] or [render.short(report["image"] or "")])[0]
     click.echo(f"Image: {name}")
     click.echo(f"Efficiency: {report['efficiency'] * 100:.4f} %")
-    click.echo(f"Wasted: {render.size(report['wasted_bytes'])} of {render.size(report['total_bytes'])} file bytes")
+    click.echo(f"Wasted: {render.size(report['wasted_bytes'])} of {render.size(report['size_bytes'])} file bytes")
     share = report["user_wasted_percent"]
     click.echo(f"User wasted: {'-' if share is None else f'{share * 100:.4f} %'} of "
                f"the {render.size(report['user_bytes'])} of every layer but the first")
+    own = report["own"]
+    click.echo(f"Not in the top view: {render.size(own['wasted_bytes'])} shipped by a layer and overwritten or"
+               f" deleted later (layerdb's efficiency {own['efficiency'] * 100:.4f} %)")
     click.echo("")
     render.table(["POS", "LAYER", "SIZE", "WASTED", "CREATED BY"], [
         [str(li["position"]), render.short(li["layer_id"]), render.size(li["size"]), render.size(li["wasted_bytes"]),

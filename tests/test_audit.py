@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (REPO_FIXTURES, SHARED_FIXTURES, load_json_lines, oracle_lines, oracle_positions, replaying,
                       run_cli)
+from test_explore_efficiency import dive_score, images_of, trees_of
 from test_log import oracle_timeline
 from test_views import _cases
 
@@ -420,18 +421,27 @@ def test_waste_matches_layer_tars_and_oracle(stores, archive, oracle, ref, tag, 
     files, total, efficiency = expected_waste(archive, oracle, ref, tag)
     replaying(monkeypatch, partition)
     rep = audit.waste(db, ref)
-    assert rep["total_bytes"] == total
-    assert rep["efficiency"] == pytest.approx(efficiency, abs=1e-12)
+    own = rep["own"]
+    assert own["total_bytes"] == total
+    assert own["efficiency"] == pytest.approx(efficiency, abs=1e-12)
     wasted = sorted((f[0], f[1], f[2], f[3], f[4]) for f in files if f[4] is not None)
     got = sorted((f["path"], f["position"], f["size"], f["sha256"], f["wasted_by"]) for f in rep["files"])
     assert got == wasted
     per_layer = {li["position"]: li["wasted_bytes"] for li in rep["layers"]}
     assert per_layer == {n: sum(f[2] for f in wasted if f[1] == n) for n in per_layer}
-    assert rep["wasted_bytes"] == sum(f[2] for f in wasted)
+    assert own["wasted_bytes"] == sum(f[2] for f in wasted)
     assert [li["size"] for li in rep["layers"]] == [
         sum(e["size"] for e in members if e["type"] == "f") for members in members_of(archive, ref, tag)]
     user, share = expected_user_share(archive, ref, tag, sum(f[2] for f in wasted))
-    assert (rep["user_bytes"], rep["user_wasted_percent"]) == (user, share)
+    assert (rep["user_bytes"], own["user_wasted_percent"]) == (user, share)
+    # The top-level figures are dive's: the literal model of dive's rules over the layer tars.
+    (want,) = [dive_score(*trees_of(layers)) for digest, layers in images_of(archive) if digest == rep["image"]]
+    assert (rep["efficiency"], rep["wasted_bytes"], rep["size_bytes"], rep["user_bytes"],
+            rep["user_wasted_percent"]) == (want["efficiency"], want["wasted_bytes"], want["size_bytes"],
+                                            want["user_size_bytes"], want["wasted_user_percent"])
+    assert len(want["inefficient"]) <= 20  # the fixtures' lists are whole: waste lists dive's top 20
+    assert {(i["path"], i["count"], i["size"]) for i in rep["inefficiencies"]} == {
+        (p.decode("utf-8", "surrogateescape"), n, size) for p, n, size in want["inefficient"]}
 
 
 def expected_user_share(archive, ref, tag, wasted: int) -> tuple[int, float | None]:
@@ -460,7 +470,7 @@ def test_waste_ci_thresholds_set_the_exit_code(tmp_path):
     assert run_cli("import", str(SAMPLE), db_path=store).exit_code == 0
     (rep,) = load_json_lines(run_cli("waste", "sample:1.0", "--json", db_path=store).stdout)
     ok = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0.5", "--highest-wasted-bytes", "1kB",
-                 "--highest-user-wasted-percent", "0.5", db_path=store)
+                 "--highest-user-wasted-percent", "0.7", db_path=store)
     assert ok.exit_code == 0 and ok.stderr == ""
     bad = run_cli("waste", "sample:1.0", "--ci", "--highest-wasted-bytes", str(rep["wasted_bytes"] - 1),
                   "--highest-user-wasted-percent", "1", db_path=store)
@@ -480,23 +490,29 @@ def test_waste_user_wasted_percent_and_its_ci_rule(tmp_path):
     store = tmp_path / "s.sqlite"
     assert run_cli("import", str(SAMPLE), db_path=store).exit_code == 0
     files, _, _ = expected_waste(SAMPLE, "sample", "sample:1.0", None)
-    wasted = sum(f[2] for f in files if f[4] is not None)
-    user, share = expected_user_share(SAMPLE, "sample:1.0", None, wasted)
-    assert (wasted, user) == (244, 613)  # layers 2..6 ship 361 + 183 + 0 + 67 + 2 file bytes
+    own = sum(f[2] for f in files if f[4] is not None)
+    (layers,) = [layers for _, layers in images_of(SAMPLE)]
+    dive = dive_score(*trees_of(layers))
+    wasted, user, share = dive["wasted_bytes"], dive["user_size_bytes"], dive["wasted_user_percent"]
+    # dive counts every byte of a path named twice (372); layerdb's own count, what the top view
+    # does not show, is 244.  Layers 2..6 ship 361 + 183 + 0 + 67 + 2 file bytes.
+    assert (wasted, own, user) == (372, 244, 613)
     (rep,) = load_json_lines(run_cli("waste", "sample:1.0", "--json", db_path=store).stdout)
     assert (rep["wasted_bytes"], rep["user_bytes"], rep["user_wasted_percent"]) == (wasted, user, share)
+    assert (rep["own"]["wasted_bytes"], rep["own"]["user_wasted_percent"]) == (own, own / user)
     table = run_cli("waste", "sample:1.0", db_path=store).stdout
     assert f"User wasted: {share * 100:.4f} % of the 613B of every layer but the first\n" in table
+    assert "Not in the top view: 244B shipped by a layer and overwritten or deleted later" in table
 
     # dive fails when the threshold is below the share: at the share itself it passes.
     at = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", "--highest-user-wasted-percent",
                  repr(share), db_path=store)
     assert at.exit_code == 0, at.stderr
     below = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", "--highest-user-wasted-percent",
-                    "0.398", db_path=store)
+                    "0.606", db_path=store)
     assert below.exit_code == 1
-    assert below.stderr == ("layerdb: error: waste check failed: wasted bytes are 0.3980 of the user bytes, "
-                            "above 0.398\n")
+    assert below.stderr == ("layerdb: error: waste check failed: wasted bytes are 0.6069 of the user bytes, "
+                            "above 0.606\n")
     default = run_cli("waste", "sample:1.0", "--ci", "--lowest-efficiency", "0", db_path=store)  # 0.1, as dive
     assert default.exit_code == 1 and "above 0.1\n" in default.stderr
     assert run_cli("waste", "sample:1.0", "--highest-user-wasted-percent", "0.5", db_path=store).exit_code == 2
@@ -525,22 +541,26 @@ def _one_layer_archive(path, files: list[tuple[str, bytes]]) -> None:
             t.addfile(ti, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("files,wasted,code", [
-    ([("a", b"12345")], 0, 0),  # dive: 0 / 0 = NaN, and NaN above the threshold is false: pass
-    ([("a", b"12345"), ("a", b"678")], 5, 1),  # the same path twice in one tar: 5 / 0 = +Inf: fail
+@pytest.mark.parametrize("files,own", [
+    ([("a", b"12345")], 0),
+    # The same path twice in one tar: dive's tree of the layer holds it once, so dive sees no
+    # waste; layerdb's own count has the 5 bytes the second entry hides.
+    ([("a", b"12345"), ("a", b"678")], 5),
 ])
-def test_waste_user_share_of_a_one_layer_image(tmp_path, files, wasted, code):
+def test_waste_user_share_of_a_one_layer_image(tmp_path, files, own):
+    """dive's ratio is 0 / 0 = NaN for a one-layer image, and NaN above the threshold is false: it passes."""
     archive, store = tmp_path / "one.tar", tmp_path / "s.sqlite"
     _one_layer_archive(archive, files)
+    (layers,) = [layers for _, layers in images_of(archive)]
+    dive = dive_score(*trees_of(layers))
+    assert (dive["wasted_bytes"], dive["user_size_bytes"]) == (0, 0)
     assert run_cli("import", str(archive), db_path=store).exit_code == 0
     (rep,) = load_json_lines(run_cli("waste", "one:1", "--json", db_path=store).stdout)
-    assert (rep["wasted_bytes"], rep["user_bytes"], rep["user_wasted_percent"]) == (wasted, 0, None)
+    assert (rep["wasted_bytes"], rep["user_bytes"], rep["user_wasted_percent"]) == (0, 0, None)
+    assert (rep["own"]["wasted_bytes"], rep["own"]["user_wasted_percent"]) == (own, None)
     assert "User wasted: - of the 0B of every layer but the first" in run_cli("waste", "one:1", db_path=store).stdout
     r = run_cli("waste", "one:1", "--ci", "--lowest-efficiency", "0", db_path=store)
-    assert r.exit_code == code
-    if code:
-        assert r.stderr == ("layerdb: error: waste check failed: wasted bytes 5 with no user bytes (one layer) "
-                            "exceed 0.1 of them\n")
+    assert r.exit_code == 0, r.stderr
 
 
 # log --all, -p, --at-version ---------------------------------------------------------------

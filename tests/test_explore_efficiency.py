@@ -1,4 +1,4 @@
-"""dive's efficiency figures (engine/explore/efficiency.py) against an independent
+"""dive's efficiency figures (engine/audit/efficiency.py) against an independent
 computation: the layer tars are read straight from each fixture archive with
 Python's tarfile, built into trees node by node as dive builds them, and scored
 with dive's rules (dive/filetree/efficiency.go): a slow, literal model written
@@ -161,7 +161,7 @@ def trees_of(layers: list[bytes]) -> tuple[list[Node], list[int]]:
 
 def engine_score(db, image: str) -> dict:
     from layerdb.engine import refs
-    from layerdb.engine.explore.efficiency import dive_efficiency
+    from layerdb.engine.audit.efficiency import dive_efficiency
 
     with db.store.read():
         return dive_efficiency(db.store, refs.resolve(db.store, image).chain, top=10**6)

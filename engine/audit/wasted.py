@@ -74,22 +74,27 @@ def _waste_pass(sums: _WasteSums, layers: Iterable[Layer], members: set[bytes] |
 
 
 def waste(db: Reader, ref: str) -> dict:
-    """dive's efficiency analysis over the event log.
+    """dive's efficiency analysis, and layerdb's own account of what is wasted.
 
-    efficiency = sum over paths of the smallest size seen / sum of all file sizes
-    added (a deletion or replacement of a file counts as a size 0, as in dive).
-    Wasted bytes are file contents a layer ships that the top view does not show:
+    The top-level figures are dive's, exactly (efficiency.py: its formula and
+    quirks, from the events): efficiency, wasted_bytes (every byte of every
+    path some layer names twice or more), size_bytes, user_bytes (every layer
+    but the bottom one) and user_wasted_percent (wasted / user, None without
+    user bytes: dive's NaN or +Inf, see waste_failures), and its list of
+    inefficient paths.  `--ci` checks these, as `dive --ci` does.
+
+    `own` holds layerdb's figures where they differ from dive's.  Its wasted
+    bytes are file contents a layer ships that the top view does not show:
     overwritten (even by identical bytes, as a chmod in a RUN step does) or
-    deleted later.  A file still reachable through another hard-linked name is
-    not wasted.
-
-    user_wasted_percent = wasted bytes / user bytes, a fraction as in dive
-    (its WastedUserPercent): the user bytes are the file bytes of every layer
-    but the bottom one (dive's "all bytes except for the base image").  With
-    no user bytes (a one-layer image) it is None: dive's ratio is then NaN
-    when nothing is wasted and +Inf otherwise (see waste_failures).
+    deleted later, a file still reachable through another hard-linked name
+    not counted; its efficiency is the sum over paths of the smallest size
+    seen / the sum of all file sizes added, a deletion or replacement of a
+    file counting as a size 0.  The per-layer wasted bytes and the files list
+    (which later layer wasted each file, and how) are layerdb's own: dive has
+    no such attribution.
     """
     from ..tree import TreeEntries, large
+    from .efficiency import dive_efficiency
 
     store = db.store
     sums = _WasteSums()
@@ -106,6 +111,7 @@ def waste(db: Reader, ref: str) -> dict:
             with TreeEntries(store, r.chain, temp="layerdb_waste") as parts:
                 for paths, events in parts.partitions():
                     _waste_pass(sums, event_layers(events), set(paths))
+        dive = dive_efficiency(store, r.chain)
     total, smallest, wasted, layer_bytes = sums.total, sums.smallest, sums.wasted, sums.layer_bytes
     per_layer: dict[int, int] = {}
     for p in wasted:
@@ -116,12 +122,20 @@ def waste(db: Reader, ref: str) -> dict:
     return {
         "image": r.image_digest,
         "repo_tags": r.tags,
-        "efficiency": smallest / total if total else 1.0,
-        "total_bytes": total,
-        "smallest_bytes": smallest,
-        "wasted_bytes": wasted_bytes,
-        "user_bytes": user,
-        "user_wasted_percent": wasted_bytes / user if user else None,
+        "efficiency": dive["efficiency"],
+        "wasted_bytes": dive["wasted_bytes"],
+        "size_bytes": dive["size_bytes"],
+        "user_bytes": dive["user_size_bytes"],
+        "user_wasted_percent": dive["wasted_user_percent"],
+        "inefficiencies": [{"path": show_path(i["path"]), "count": i["count"], "size": i["size"]}
+                           for i in dive["inefficiencies"]],
+        "own": {
+            "efficiency": smallest / total if total else 1.0,
+            "total_bytes": total,
+            "smallest_bytes": smallest,
+            "wasted_bytes": wasted_bytes,
+            "user_wasted_percent": wasted_bytes / user if user else None,
+        },
         "layers": [{"position": li.position, "layer_id": li.chain_id, "created_by": created_by.get(li.position),
                     "size": layer_bytes.get(li.position, 0), "wasted_bytes": per_layer.get(li.position, 0)}
                    for li in r.layers],
@@ -134,7 +148,7 @@ def waste(db: Reader, ref: str) -> dict:
 
 def waste_failures(report: dict, lowest_efficiency: float | None, highest_wasted_bytes: int | None,
                    highest_user_wasted_percent: float | None = None) -> list[str]:
-    """The thresholds (dive --ci style) that the report fails, as sentences."""
+    """The thresholds (dive --ci's rules, on dive's figures) that the report fails, as sentences."""
     out = []
     for name, value in (("--lowest-efficiency", lowest_efficiency),
                         ("--highest-user-wasted-percent", highest_user_wasted_percent)):

@@ -36,7 +36,7 @@ from ..audit.common import state
 from ..audit.diffs import classify
 from ..audit.search import Finder, find, path_filter
 from ..audit.timeline import log, patch
-from .efficiency import dive_efficiency
+from ..audit.efficiency import dive_efficiency
 
 ADDED, MODIFIED, REMOVED, UNMODIFIED = "A", "M", "R", "U"
 MARKS = (ADDED, REMOVED, MODIFIED, UNMODIFIED)  # the order of keys 1 2 3 4
