@@ -53,6 +53,11 @@ class LayerdbGroup(click.Group):
         except LayerdbError as e:
             click.echo(f"layerdb: error: {' '.join(e.message.split())}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C: 128 + SIGINT, as shells, docker and podman exit.  The engine has
+            # rolled back whatever it was writing by the time this arrives here.
+            click.echo("layerdb: aborted", err=True)
+            ctx.exit(130)
         except BrokenPipeError:
             # `layerdb cat ... | head`: the reader left; that is not an error.
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -95,7 +95,7 @@ def _rerun_succeeds(store: Path, ctx: Path, cache: Path, env: dict) -> None:
 
 def test_ctrl_c_during_run(tmp_path):
     code, err, store, ctx, cache, env = _interrupted_build(tmp_path, "int")
-    assert code == 1 and err.rstrip().splitlines()[-1] == "layerdb: aborted"
+    assert code == 130 and err.rstrip().splitlines()[-1] == "layerdb: aborted"
     assert "Traceback" not in err
     _rerun_succeeds(store, ctx, cache, env)
 
