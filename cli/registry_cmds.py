@@ -110,6 +110,7 @@ def pull(ctx, source, creds, authfile, tls_verify, cert_dir, platform, all_platf
         if as_json:
             render.json_line({"id": img["id"], "repo_tags": img["repo_tags"], "layers": img["layers"],
                               "manifest": img["manifest"], "platform": img["platform"], "new": img["new"],
+                              "source": res.source,
                               "layers_fetched": res.layers_fetched, "layers_skipped": res.layers_skipped,
                               "bytes_fetched": res.bytes_fetched})
         else:
@@ -141,7 +142,7 @@ def push(ctx, image, dest, creds, authfile, tls_verify, cert_dir, fmt, preserve_
     if as_json:
         render.json_line({"destination": res.destination, "digest": res.digest, "previous": res.previous,
                           "kept": res.kept, "uploaded": res.uploaded, "mounted": res.mounted,
-                          "existed": res.existed, "bytes_uploaded": res.bytes_uploaded})
+                          "existed": res.existed, "bytes_uploaded": res.bytes_uploaded, "images": res.images})
         return
     if res.previous:
         click.echo(f"manifest digest changed: {res.previous} -> {res.digest} "

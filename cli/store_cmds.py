@@ -99,7 +99,7 @@ def fsck(ctx, deep, as_json):
             click.echo(f"{f['check']} {f['object']}: {f['problem']}" + (f"\n    {where}" if where else ""))
     c = check.counts
     checked = (f"{c['images']} images, {c['layers']} layers, {c['diffs']} diffs, {c['events']} events,"
-               f" {c['blobs']} contents, {c['chunks']} chunks")
+               f" {c['blobs']} contents, {c['chunks']} chunks, {c['manifests']} registry manifests")
     if deep:
         checked += (f", {c['layer_tars']} layer tars rebuilt with {c['tar_entries']} tar entries compared to their"
                     f" events, {c['container_logs']} container logs ({c['container_events']} events)")
@@ -115,6 +115,8 @@ STATS_ROWS = [
     ("images", "images", None), ("tags", "tags", None), ("layers", "layers", None), ("diffs", "diffs", None),
     ("tar entries", "entries", None), ("events", "events", None), ("paths", "paths", None),
     ("unique contents", "contents", None), ("chunks", "chunks", None), ("AUFS entries", "aufs_entries", None),
+    ("registry manifests", "manifests", None), ("registry indexes", "indexes", None),
+    ("layer descriptors kept", "layer_descriptors", None), ("digests seen at registries", "seen", None),
     ("logical bytes", "logical_bytes", "size"), ("logical file bytes", "logical_file_bytes", "size"),
     ("stored diffs' tar bytes", "tar_bytes", "size"), ("unique content bytes", "content_raw_bytes", "size"),
     ("stored bytes (all chunks)", "stored_bytes", "size"), ("stored content bytes", "content_stored_bytes", "size"),

@@ -21,11 +21,16 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
+from conftest import REPO_FIXTURES
+
 USER, PASSWORD = "alice", "s3cret"
+REFRESH_TOKEN = "rt-alice-0123456789"  # an OAuth2 refresh token (auth.json "identitytoken")
 SERVICE = "layerdb-test-registry"
 ISSUER = "layerdb-test-issuer"
 
@@ -36,6 +41,26 @@ def registry_binary() -> str | None:
         return found
     p = "/opt/docker-registry/usr/bin/docker-registry"
     return p if os.access(p, os.X_OK) else None
+
+
+# What the registry test modules share: their skip marks, the fixtures' archives and oracles.
+NEEDS = [
+    pytest.mark.skipif(registry_binary() is None, reason="docker-registry is not installed (see tests/registry_env.py)"),
+    pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed"),
+]
+SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
+SAMPLE2 = REPO_FIXTURES / "images" / "sample2.oci.tar"
+SAMPLE_DOCKER = REPO_FIXTURES / "images" / "sample.docker.tar"
+OPAQUE = REPO_FIXTURES / "images" / "opaque.oci.tar"
+MULTI = REPO_FIXTURES / "multiplatform" / "multi.oci.tar"
+ORACLE = {n: json.loads((REPO_FIXTURES / "oracle" / n / "index.json").read_text()) for n in ("sample", "sample2", "opaque")}
+INSECURE = ("--tls-verify=false",)
+
+
+@pytest.fixture(scope="session")
+def regs():
+    """The shared registries (env()): import this fixture into a test module."""
+    return env()
 
 
 # Certificates and keys ----------------------------------------------------------
@@ -68,6 +93,36 @@ def self_signed(dirpath: Path, cn: str = "localhost") -> tuple[Path, Path, bytes
     kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                      serialization.NoEncryption()))
     return cp, kp, cert.public_bytes(serialization.Encoding.DER)
+
+
+def client_certificate(dirpath: Path, cn: str = "layerdb-test-client") -> tuple[Path, Path, Path]:
+    """A CA and a client certificate it signed: (ca.pem, client.cert, client.key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "layerdb-test-client-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    dirpath.mkdir(parents=True, exist_ok=True)
+    cap, cp, kp = dirpath / "ca.pem", dirpath / "client.cert", dirpath / "client.key"
+    cap.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                     serialization.NoEncryption()))
+    return cap, cp, kp
 
 
 def htpasswd(path: Path, users: dict[str, str]) -> Path:
@@ -116,7 +171,8 @@ class Registry:
 
 
 def start_registry(workdir: Path, *, tls: bool = False, users: dict[str, str] | None = None,
-                   token: "TokenServer | None" = None) -> Registry:
+                   token: "TokenServer | None" = None, client_cas: list[Path] | None = None) -> Registry:
+    """client_cas (with tls): the registry requires a client certificate one of them signed."""
     binary = registry_binary()
     assert binary, "docker-registry not found"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +187,8 @@ def start_registry(workdir: Path, *, tls: bool = False, users: dict[str, str] | 
     if tls:
         cert, key, _ = self_signed(workdir / "tls")
         cfg["http"]["tls"] = {"certificate": str(cert), "key": str(key)}
+        if client_cas:
+            cfg["http"]["tls"]["clientcas"] = [str(p) for p in client_cas]
         ca = workdir / "ca"  # a --cert-dir: the CA as *.crt
         ca.mkdir()
         shutil.copy(cert, ca / "ca.crt")
@@ -177,6 +235,8 @@ class TokenServer:
 
     alice/s3cret gets what she asks for; anonymous gets pull only; a wrong
     password gets 401.  `ttl` sets expires_in (and exp) of the next tokens.
+    POST /token is the OAuth2 form (distribution docs/spec/auth/oauth.md):
+    grant_type=refresh_token with REFRESH_TOKEN gets alice's grant.
     """
 
     def __init__(self, workdir: Path):
@@ -186,6 +246,10 @@ class TokenServer:
         self.key = serialization.load_pem_private_key(keyp.read_bytes(), None)
         self.ttl = 300
         self.expired_next = 0  # this many next tokens are already expired (for the registry, not the client)
+        # This many next tokens the registry refuses `short_life` seconds after they are issued,
+        # while expires_in still says ttl: a token that runs out during a transfer.
+        self.short_next = 0
+        self.short_life = 0.0
         self.requests: list[dict] = []
         srv = self
 
@@ -209,7 +273,27 @@ class TokenServer:
                     user = u_
                 scopes = [s for sc in q.get("scope", []) for s in sc.split(" ")]
                 srv.requests.append({"user": user, "scopes": scopes, "ttl": srv.ttl})
-                body = json.dumps({"token": srv.sign(user, scopes), "expires_in": srv.ttl,
+                self._grant(user, scopes, "token")
+
+            def do_POST(self):
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                one = {k: v[0] for k, v in form.items() if len(v) == 1}
+                scopes = [s for sc in form.get("scope", []) for s in sc.split(" ")]
+                ok = one.get("grant_type") == "refresh_token" and one.get("refresh_token") == REFRESH_TOKEN
+                srv.requests.append({"user": USER if ok else None, "scopes": scopes, "grant": one.get("grant_type"),
+                                     "client_id": one.get("client_id"), "service": one.get("service"),
+                                     "denied": not ok, "scope_fields": len(form.get("scope", []))})
+                if not ok:
+                    body = json.dumps({"error": "invalid_grant"}).encode()
+                    self.send_response(401)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self._grant(USER, scopes, "access_token")
+
+            def _grant(self, user, scopes, key):
+                body = json.dumps({key: srv.sign(user, scopes), "expires_in": srv.ttl,
                                    "issued_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -238,6 +322,9 @@ class TokenServer:
         if self.expired_next > 0:
             self.expired_next -= 1
             exp = now - 120  # distribution allows 60 s of leeway
+        elif self.short_next > 0:
+            self.short_next -= 1
+            exp = now + int(self.short_life) - 60
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self.der).decode()]}
         claims = {"iss": ISSUER, "sub": user or "", "aud": SERVICE, "exp": exp, "nbf": now - 300,
                   "iat": now, "jti": uuid.uuid4().hex, "access": access}
@@ -267,6 +354,7 @@ class Fault:
     retry_after: str = "1"
     delay: float = 0.05
     to: str = ""  # offsite: the host[:port] to redirect to
+    stall: float = 0.0  # drop: seconds the connection hangs after `at` bytes before it is cut
     hits: int = 0
 
 
@@ -379,6 +467,7 @@ class FaultProxy:
                     if kind == "drop" and sent + len(b) > f.at:
                         self.wfile.write(b[: f.at - sent])
                         self.wfile.flush()
+                        time.sleep(f.stall)
                         self.close_connection = True
                         try:
                             self.connection.shutdown(socket.SHUT_RDWR)

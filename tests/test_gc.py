@@ -140,7 +140,7 @@ def test_gc_with_nothing_to_collect_changes_nothing(both):
     (res,) = load_json_lines(ok(both, "gc", "--json").stdout)
     assert {k: v for k, v in res.items() if not k.startswith("bytes")} == {
         "layers": 0, "diffs": 0, "events": 0, "blobs": 0, "chunks": 0, "paths": 0, "repacked": 0, "vacuumed": False,
-        "checkpointed": True}
+        "checkpointed": True, "manifests": 0, "seen": 0}
     assert dump(both) == before
 
 

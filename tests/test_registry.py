@@ -21,24 +21,10 @@ from conftest import (REPO_FIXTURES, SHARED_FIXTURES, export_bytes, manifest_of_
                       oracle_positions, run_cli, store_dump)
 
 import registry_env as R
+from registry_env import INSECURE, MULTI, OPAQUE, ORACLE, SAMPLE, SAMPLE2, SAMPLE_DOCKER
 
-pytestmark = [
-    pytest.mark.skipif(R.registry_binary() is None, reason="docker-registry is not installed (see tests/registry_env.py)"),
-    pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed"),
-]
-
-SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
-SAMPLE2 = REPO_FIXTURES / "images" / "sample2.oci.tar"
-SAMPLE_DOCKER = REPO_FIXTURES / "images" / "sample.docker.tar"
-OPAQUE = REPO_FIXTURES / "images" / "opaque.oci.tar"
-MULTI = REPO_FIXTURES / "multiplatform" / "multi.oci.tar"
-ORACLE = {n: json.loads((REPO_FIXTURES / "oracle" / n / "index.json").read_text()) for n in ("sample", "sample2", "opaque")}
-INSECURE = ("--tls-verify=false",)
-
-
-@pytest.fixture(scope="session")
-def regs():
-    return R.env()
+pytestmark = R.NEEDS
+regs = R.regs  # the shared registries, a session fixture
 
 
 @pytest.fixture
@@ -398,6 +384,33 @@ def test_sigkill_mid_pull_leaves_the_store_as_it_was(regs, tmp_path):
         assert [i["repo_tags"] for i in db.images()] == [[other]]
 
 
+def test_sigkill_after_some_layers_are_imported_leaves_the_store_as_it_was(regs, tmp_path):
+    """One pull is one transaction: five layers imported, the top one stalled, then SIGKILL."""
+    proxy, ref = _via_proxy(regs)
+    store = tmp_path / "store.sqlite"
+    other = R.seed(regs["plain"], f"oci-archive:{OPAQUE}", "fx/opaque:1")  # shares no layer with sample
+    assert _pull(store, *INSECURE, other).exit_code == 0
+    before = store_dump(store)
+    last = ORACLE["sample"]["layers"][-1]["digest"]
+    proxy.add(R.Fault("drop", match=last, at=10, stall=60))  # the top layer hangs after 10 bytes
+    p = subprocess.Popen([sys.executable, "-m", "layerdb.cli", "--db", str(store), "pull", *INSECURE, ref],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = 0
+    while done < 5:
+        line = p.stderr.readline().decode()
+        assert line, "the pull ended before five layers were imported"
+        done += line.startswith("done ")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    assert store_dump(store) == before
+    proxy.clear()
+    r = run_cli("pull", *INSECURE, ref, db_path=store)
+    assert r.exit_code == 0, r.output
+    with _db(store) as db:
+        _views_match(db, ref, REPO_FIXTURES / "oracle" / "sample", tmp_path)
+
+
 # Push -------------------------------------------------------------------------------------
 
 
@@ -526,7 +539,7 @@ def test_progress_lines_and_no_secret_in_verbose_logs(regs, store):
 def test_authorization_never_follows_a_redirect_to_another_host(regs, store):
     """Blob storage answers with a redirect: the token goes to the registry, never to the storage host."""
     tok, plain = regs["token"], regs["plain"]
-    ref = R.seed(tok, f"oci-archive:{SAMPLE2}", "fx/sample2:1")
+    R.seed(tok, f"oci-archive:{SAMPLE2}", "fx/sample2:1")
     R.seed(plain, f"oci-archive:{SAMPLE2}", "fx/sample2:1")  # the "storage" serves the same blobs
     front = R.FaultProxy(tok.host)  # the registry, as the client sees it
     storage = R.FaultProxy(plain.host)

@@ -278,6 +278,16 @@ class Client:
         r.close()
 
     def _tls_error(self, e: BaseException) -> RegistryTLSError:
+        why = _why(e)
+        # An alert about a certificate comes from the registry: it wants a client
+        # certificate, or refused the one sent (ours was never in question then).
+        if "ALERT" in why.upper() and ("CERTIFICATE" in why.upper() or "UNKNOWN_CA" in why.upper()):
+            d = cert_dir_for(self.host, self.cert_dir)
+            sent = f"the client certificate from {d} was refused" if d and any(
+                n.endswith(".cert") for n in os.listdir(d)) else "it requires a client certificate"
+            return RegistryTLSError(
+                f"{self.host}: TLS failed ({why}): {sent}; put one its CA signed (*.cert + *.key) in --cert-dir DIR"
+                f" or {os.path.join('/etc/containers/certs.d', self.host)}")
         return RegistryTLSError(
             f"{self.host}: TLS failed ({_why(e)}); trust its CA with --cert-dir DIR (a *.crt file), "
             "or use --tls-verify=false")
@@ -332,16 +342,19 @@ class Client:
         q: list[tuple[str, str]] = []
         if params.get("service"):
             q.append(("service", params["service"]))
-        q += [("scope", s) for s in sorted(scopes)]
         headers: dict[str, str] = {}
         token = self.creds.identity_token if self.creds else None
         if token is not None:
-            # OAuth2: the identity token is a refresh token (distribution docs/spec/auth/oauth.md).
+            # OAuth2: the identity token is a refresh token (distribution docs/spec/auth/oauth.md),
+            # and the form's scope is one space-separated field, as docker sends it.
+            if scopes:
+                q.append(("scope", " ".join(sorted(scopes))))
             form = urlencode([("grant_type", "refresh_token"), ("refresh_token", token), ("client_id", "layerdb"),
                               *q])
             method, url, body = "POST", realm, form.encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         else:
+            q += [("scope", s) for s in sorted(scopes)]
             if self.creds is not None:
                 headers["Authorization"] = self.creds.basic()
             sep = "&" if "?" in realm else "?"

@@ -9,10 +9,16 @@ always gives the same blob), a new manifest is written and both digests are
 reported; --preserve-digests refuses instead.  Uploads are POST then one
 streamed PUT, with chunked PATCHes when the PUT is refused; every step follows
 the latest Location.
+
+An image pulled as part of an index goes back with that index when every entry
+of it is stored (pulled with --all-platforms) or already at the destination:
+each image by digest, then the index bytes under the tag, so the tag names the
+index digest it named where it was pulled from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -28,7 +34,7 @@ from ..errors import (DigestMismatch, DigestWouldChange, RegistryAuthError, Regi
 from ..log import get_logger
 from ..output.save import GZIP_LEVEL, LayerRef, checked_layer, collect
 from ..store import Store
-from . import manifest as mf, records, reference
+from . import manifest as mf, mirrors, records, reference
 from .client import Client
 from .auth import RegistryOptions
 
@@ -56,6 +62,7 @@ class PushResult:
     existed: int = 0
     bytes_uploaded: int = 0
     layers: list[dict] = field(default_factory=list)
+    images: int = 1  # image manifests pushed (more than one: an index went with them)
 
 
 def destination(store: Store, image: str, dest: str | None) -> reference.Reference:
@@ -96,6 +103,17 @@ class _Pusher:
         if r.status not in (200, 404):
             raise RegistryError(f"{self.c.host}: HEAD blob {digest}: the registry answered {r.status}")
         self.present[digest] = r.status == 200
+        return r.status == 200
+
+    def has_manifest(self, digest: str | None, media_type: str | None) -> bool:
+        if not isinstance(digest, str):
+            return False
+        accept = ", ".join(dict.fromkeys([media_type or mf.OCI_MANIFEST, *mf.ACCEPT.split(", ")]))
+        r = self.c.request("HEAD", f"/v2/{self.repo}/manifests/{digest}", scopes=[self.scope], ok=(),
+                           headers={"Accept": accept}, what=f"manifest {digest}")
+        r.close()
+        if r.status not in (200, 404):
+            raise RegistryError(f"{self.c.host}: HEAD manifest {digest}: the registry answered {r.status}")
         return r.status == 200
 
     def mount(self, digest: str) -> bool:
@@ -247,60 +265,134 @@ def _file_body(tmp: Any) -> Callable[[], BinaryIO]:
     return body
 
 
+INDEX_FOR = {mf.OCI_MANIFEST: mf.OCI_INDEX, mf.DOCKER_MANIFEST: mf.DOCKER_LIST}
+
+
+@dataclass
+class _Sent:
+    """One image manifest that went out."""
+
+    manifest: mf.Fetched
+    previous: str | None  # the stored manifest digest it replaces, when the digest changed
+    kept: bool
+    image_rowid: int
+    img: Any  # output.save.SaveImage
+
+
 def push(store: Store, content: ContentStore, image: str, dest: str | None, opts: RegistryOptions, *,
          fmt: str | None = None, preserve_digests: bool = False, progress: PushProgress | None = None) -> PushResult:
+    """Push IMAGE; when it was pulled as part of an index (--all-platforms) whose
+    every entry is stored or already at the destination, push that index with it,
+    so the tag names the same index digest as where it came from."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose oci or v2s2")
     with store.read():
         ref = destination(store, image, dest)
         img = collect(store, [image])[0]
         image_rowid = store.scalar("SELECT id FROM image WHERE digest = ?", (img.digest,))
-        origs = records.originals(store, image_rowid)
+        indexes = records.indexes_of(store, image_rowid)
     if ref.digest is not None:
         raise UsageError(f"push {image}: the destination {ref} names a digest; give a tag")
-    client = opts.client(ref.registry, ref.repository, ref.api_host)
+    # registries.conf may rewrite the location or mark it insecure; mirrors are for pulls only.
+    (where,) = mirrors.sources(ref, pull=False)
+    ref = where.ref
+    client = (dataclasses.replace(opts, tls_verify=False) if where.insecure else opts).client(
+        ref.registry, ref.repository, ref.api_host)
     p = _Pusher(client, ref, store, progress)
     tag = ref.tag or "latest"
     want = FORMATS[fmt] if fmt else None
-    new_manifest: mf.Fetched | None = None
     try:
         with store.read():
-            cands = [o for o in origs if want is None or o.media_type == want]
-            # 1. The original manifest, unchanged, when every blob is there or mountable.
-            for o in cands:
-                if len(o.layers) == len(img.layers) and all(
-                        p.available(d["digest"], d["size"], f"layer {i + 1}") for i, d in enumerate(o.layers)):
-                    _config(p, img, o.media_type)
-                    digest = p.put_manifest(o.data, o.media_type, tag)
-                    res = _result(p, ref, digest, None, True)
-                    break
+            ix = _complete_index(p, indexes, want)
+            if ix is None:
+                one = _push_image(p, store, content, img, image_rowid, want, tag, preserve_digests, image)
+                sent, index = [one], None
+                res = _result(p, ref, one.manifest.digest, one.previous, one.kept)
             else:
-                previous = cands[0].digest if cands else (origs[0].digest if origs else None)
-                if preserve_digests and previous is not None:
-                    why = "its format changes" if not cands else "a blob is neither at the destination nor mountable"
-                    raise DigestWouldChange(
-                        f"push {image} to {ref}: {why}, so the manifest digest {previous} would change"
-                        " (--preserve-digests)")
-                mt = want or (origs[0].media_type if origs else mf.OCI_MANIFEST)
-                layers = _layers(p, store, content, img, mt)
-                cdesc = _config(p, img, mt)
-                doc = {"schemaVersion": 2, "mediaType": mt, "config": cdesc, "layers": layers}
-                data = json.dumps(doc, separators=(",", ":")).encode()
-                digest = p.put_manifest(data, mt, tag)
-                res = _result(p, ref, digest, previous if previous != digest else None, previous == digest)
-                new_manifest = mf.Fetched(data, mt, digest, doc)
+                sent, index, res = _push_index(p, store, content, ix, want, tag, preserve_digests, image)
         with store.write():
-            if new_manifest is not None:
-                records.remember(store, ref.registry, ref.repository, new_manifest, None, image_rowid,
-                                 new_manifest.doc["layers"], [lr.diff_id for lr in img.layers], img.digest)
-            for o in origs:
-                if o.digest == res.digest:
-                    records.remember(store, ref.registry, ref.repository,
-                                     mf.Fetched(o.data, o.media_type, o.digest, json.loads(o.data)), None,
-                                     image_rowid, o.layers, [lr.diff_id for lr in img.layers], img.digest)
+            for one in sent:
+                records.remember(store, ref.registry, ref.repository, one.manifest, index, one.image_rowid,
+                                 one.manifest.doc["layers"], [lr.diff_id for lr in one.img.layers], one.img.digest)
     finally:
         client.close()
     return res
+
+
+def _push_image(p: _Pusher, store: Store, content: ContentStore, img, image_rowid: int, want: str | None,
+                reference_: str | None, preserve_digests: bool, name: str, prefer: str | None = None) -> _Sent:
+    """One image manifest, under reference_ (a tag; None: its digest, as an index entry)."""
+    origs = records.originals(store, image_rowid)
+    cands = sorted((o for o in origs if want is None or o.media_type == want), key=lambda o: o.digest != prefer)
+    # 1. The original manifest, unchanged, when every blob is there or mountable.
+    for o in cands:
+        if len(o.layers) == len(img.layers) and all(
+                p.available(d["digest"], d["size"], f"layer {i + 1}") for i, d in enumerate(o.layers)):
+            _config(p, img, o.media_type)
+            p.put_manifest(o.data, o.media_type, reference_ or o.digest)
+            return _Sent(mf.Fetched(o.data, o.media_type, o.digest, json.loads(o.data)), None, True, image_rowid, img)
+    previous = cands[0].digest if cands else (origs[0].digest if origs else None)
+    if preserve_digests and previous is not None:
+        why = "its format changes" if not cands else "a blob is neither at the destination nor mountable"
+        raise DigestWouldChange(f"push {name} to {p.dest}: {why}, so the manifest digest {previous} would change"
+                                " (--preserve-digests)")
+    mt = want or (origs[0].media_type if origs else mf.OCI_MANIFEST)
+    layers = _layers(p, store, content, img, mt)
+    cdesc = _config(p, img, mt)
+    doc = {"schemaVersion": 2, "mediaType": mt, "config": cdesc, "layers": layers}
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    digest = p.put_manifest(data, mt, reference_ or mf.digest_of(data))
+    return _Sent(mf.Fetched(data, mt, digest, doc), previous if previous != digest else None, previous == digest,
+                 image_rowid, img)
+
+
+def _complete_index(p: _Pusher, indexes: list[records.StoredIndex], want: str | None) -> records.StoredIndex | None:
+    """The newest stored index of the image whose every entry is stored or at the destination."""
+    for ix in indexes:
+        if want is not None and ix.media_type != INDEX_FOR[want]:
+            continue
+        missing = [d.get("digest") for d in ix.entries if d.get("digest") not in ix.children
+                   and not p.has_manifest(d.get("digest"), d.get("mediaType"))]
+        if not missing:
+            return ix
+        log.info("index not pushed", index=ix.digest, reason="entries neither stored nor at the destination",
+                 missing=missing)
+    return None
+
+
+def _push_index(p: _Pusher, store: Store, content: ContentStore, ix: records.StoredIndex, want: str | None, tag: str,
+                preserve_digests: bool, name: str) -> tuple[list[_Sent], mf.Fetched, PushResult]:
+    """Each stored image of the index by digest, then the index under the tag: its
+    original bytes when no entry changed, else a copy naming the new manifests."""
+    sent: list[_Sent] = []
+    changed: dict[str, _Sent] = {}
+    for d in ix.entries:
+        rowid = ix.children.get(d["digest"])
+        if rowid is None:
+            continue  # at the destination already
+        img = collect(store, [store.scalar("SELECT digest FROM image WHERE id = ?", (rowid,))])[0]
+        one = _push_image(p, store, content, img, rowid, want, None, preserve_digests, name, prefer=d["digest"])
+        sent.append(one)
+        if one.manifest.digest != d["digest"]:
+            changed[d["digest"]] = one
+    if not changed:
+        digest = p.put_manifest(ix.data, ix.media_type, tag)
+        res = _result(p, p.dest, digest, None, True)
+        index = mf.Fetched(ix.data, ix.media_type, ix.digest, ix.doc)
+    else:
+        mt = INDEX_FOR[want] if want else ix.media_type
+        doc = json.loads(ix.data)
+        doc["mediaType"] = mt
+        for d in doc["manifests"]:
+            one = changed.get(d.get("digest"))
+            if one is not None:
+                d.update(mediaType=one.manifest.media_type, digest=one.manifest.digest, size=len(one.manifest.data))
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        digest = p.put_manifest(data, mt, tag)
+        res = _result(p, p.dest, digest, ix.digest, False)
+        index = mf.Fetched(data, mt, digest, doc)
+    res.images = len(sent)
+    return sent, index, res
 
 
 def _result(p: _Pusher, ref: reference.Reference, digest: str, previous: str | None, kept: bool) -> PushResult:

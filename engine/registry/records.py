@@ -88,6 +88,33 @@ def originals(store: Store, image_rowid: int) -> list[Original]:
     return out
 
 
+@dataclass
+class StoredIndex:
+    digest: str
+    media_type: str
+    data: bytes
+    doc: dict
+    children: dict[str, int]  # digest of each image manifest of it that is stored -> image row
+
+    @property
+    def entries(self) -> list[dict]:
+        return [d for d in self.doc.get("manifests") or [] if isinstance(d, dict)]
+
+
+def indexes_of(store: Store, image_rowid: int) -> list[StoredIndex]:
+    """The indexes that list one of the image's manifests, newest first."""
+    out = []
+    for iid, digest, mt, data in store.execute(
+            """SELECT DISTINCT i.id, i.digest, i.media_type, i.data FROM manifest i
+               JOIN manifest_child c ON c.index_id = i.id JOIN manifest m ON m.id = c.child_id
+               WHERE m.image_id = ? ORDER BY i.id DESC""", (image_rowid,)).fetchall():
+        children = dict(store.execute(
+            "SELECT m.digest, m.image_id FROM manifest_child c JOIN manifest m ON m.id = c.child_id"
+            " WHERE c.index_id = ? AND m.image_id IS NOT NULL", (iid,)).fetchall())
+        out.append(StoredIndex(digest, mt, bytes(data), json.loads(data), children))
+    return out
+
+
 def seen_in(store: Store, digest: str, registry: str) -> list[str]:
     """Repositories of registry where a blob was seen."""
     return [r for (r,) in store.execute(

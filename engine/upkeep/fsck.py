@@ -10,6 +10,9 @@ Checks, cheapest first:
            sha256(chain_id(n-1) + " " + diff_id(n))
   images   sha256(config) is the image id; rootfs.diff_ids is the chain
   tags     name an existing image
+  manifests (what pulls kept for push) hash to their digest; an image's names
+           its config and, in order, the layer descriptors and diff_ids
+           stored beside it; an index lists the images stored as its own
   diffs    have a framing blob and content tags for their files; their events
            number their tar entries
   events   name an existing diff, path, link target and blob of their size
@@ -82,6 +85,7 @@ class Fsck:
             yield from self._layers()
             yield from self._images()
             yield from self._tags()
+            yield from self._manifests()
             yield from self._diffs()
             yield from self._events()
             yield from self._blobs()
@@ -100,6 +104,7 @@ class Fsck:
                         " UNION SELECT chunk FROM blob_chunk)"),
             # AUFS bookkeeping (.wh..wh.plnk and kin): kept, never applied; reported, not a fault.
             "ignored": q("SELECT count(*) FROM event WHERE kind = ?", (IGNORED,)),
+            "manifests": q("SELECT count(*) FROM manifest"),
             "layer_tars": 0,  # --deep: layer tars rebuilt and read
             "tar_entries": 0,  # --deep: their entries, checked against their events
             "container_logs": 0,  # --deep: containers' diffs checked
@@ -225,6 +230,24 @@ class Fsck:
             "SELECT name, image_id FROM tag t WHERE NOT EXISTS (SELECT 1 FROM image i WHERE i.id = t.image_id)"
         ):
             yield self._finding("tag", name, f"names a missing image (row {image_id})", Blame([], []))
+
+    # Registry records -----------------------------------------------------------
+
+    def _manifests(self) -> Iterator[Finding]:
+        for mid, digest, media_type, data, image_rowid, image_digest, config in self.store.execute(
+            """SELECT m.id, m.digest, m.media_type, m.data, m.image_id, i.digest, i.config
+               FROM manifest m LEFT JOIN image i ON i.id = m.image_id ORDER BY m.id"""
+        ).fetchall():
+            blame = Blame([], [])
+            if image_digest is not None:
+                blame.images = [{"id": image_digest, "repo_tags": self._tags_of(image_rowid)}]
+            problems = _manifest_problems(self.store, mid, digest, media_type, data, image_rowid, image_digest,
+                                          config)
+            if problems:
+                yield self._finding("manifest", digest, "; ".join(problems), blame)
+        for (digest,) in self.store.execute(
+                "SELECT DISTINCT digest FROM seen WHERE digest NOT GLOB 'sha256:*' OR length(digest) != 71"):
+            yield self._finding("manifest", str(digest), "a `seen` row names a malformed digest", Blame([], []))
 
     # Diffs and events -----------------------------------------------------------
 
@@ -389,6 +412,63 @@ class Fsck:
             for p in logs.diff(rowid, diff_id, name, layer_id):
                 yield self._finding(p.check, p.obj, p.text, self.blame_diff(rowid), diff_id, p.path)
         self.counts["container_events"] = logs.events
+
+
+def _manifest_problems(store: Store, mid: int, digest: str, media_type: str, data, image_rowid: int | None,
+                       image_digest: str | None, config) -> list[str]:
+    if isinstance(data, str):  # damage: SQLite turned the blob into text
+        data = data.encode("utf-8", "surrogateescape")
+    got = _sha(data)
+    if got != digest:
+        return [f"its stored bytes hash to {got}"]
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return ["its stored bytes are not JSON"]
+    if not isinstance(doc, dict):
+        return ["its stored bytes are not a JSON object"]
+    problems = []
+    if isinstance(doc.get("mediaType"), str) and doc["mediaType"] != media_type:
+        problems.append(f"it says media type {doc['mediaType']}, the store records {media_type}")
+    rows = store.execute("SELECT digest, media_type, size, annotations, diff_id FROM manifest_layer"
+                         " WHERE manifest_id = ? ORDER BY idx", (mid,)).fetchall()
+    children = [c for (c,) in store.execute(
+        "SELECT m.digest FROM manifest_child c JOIN manifest m ON m.id = c.child_id WHERE c.index_id = ?"
+        " ORDER BY m.digest", (mid,))]
+    if image_rowid is None:
+        listed = doc.get("manifests")
+        if not isinstance(listed, list):
+            return problems + ["it belongs to no image and is no index (no manifests list)"]
+        names = {d.get("digest") for d in listed if isinstance(d, dict)}
+        problems += [f"its stored image manifest {c} is not one of its entries" for c in children if c not in names]
+        if rows:
+            problems.append(f"an index with {len(rows)} layer descriptors")
+        return problems
+    if image_digest is None:
+        return problems + [f"names a missing image (row {image_rowid})"]
+    if children:
+        problems.append(f"an image manifest with {len(children)} index entries")
+    cdesc = doc.get("config")
+    if not isinstance(cdesc, dict) or cdesc.get("digest") != image_digest:
+        problems.append(f"its config is {cdesc.get('digest') if isinstance(cdesc, dict) else None},"
+                        f" not the image's {image_digest}")
+    layers = doc.get("layers") if isinstance(doc.get("layers"), list) else []
+    want = [(d.get("digest"), d.get("mediaType") or "", d.get("size"),
+             json.dumps(d["annotations"], sort_keys=True) if isinstance(d.get("annotations"), dict) else None)
+            for d in layers if isinstance(d, dict)]
+    have = [tuple(r[:4]) for r in rows]
+    if have != want:
+        i = next((k for k, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        problems.append(f"it names {len(want)} layers, {len(have)} descriptors are stored beside it"
+                        f" (first difference at layer {i + 1})")
+    try:
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        diff_ids = None  # _images reports the config
+    if diff_ids is not None and [r[4] for r in rows] != diff_ids:
+        problems.append("the diff_ids stored beside its layers are not its image's rootfs.diff_ids"
+                        + _first_difference(diff_ids, [r[4] for r in rows]))
+    return problems
 
 
 def _first_difference(want: list[str], have: list[str]) -> str:

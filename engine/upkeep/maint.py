@@ -11,6 +11,9 @@ git keeps unreachable commits) until `gc` deletes it, top-down:
   chunks   that no remaining blob names (through the chunk store's interface,
            so a second backend is collected the same way)
   paths    that no event names
+  registry indexes none of whose images is stored, and `seen` rows (where a
+           blob was seen, for push's mounts) of digests no stored image,
+           manifest or layer descriptor names
 
 After the commit, `gc` folds the WAL into the file and VACUUMs when the
 deletes left free pages, so the file really shrinks.
@@ -79,7 +82,9 @@ def _remove_one(store: Store, name: str) -> Removed:
     if users:
         raise UsageError(f"image {digest[7:19]} is used by container(s) {', '.join(users)}: remove them first"
                          " (`layerdb container rm`)")
-    store.execute("DELETE FROM image WHERE id = ?", (rowid,))  # tags and history cascade
+    store.execute("DELETE FROM image WHERE id = ?", (rowid,))  # tags, history and its manifests cascade
+    # An index whose last stored image went describes nothing the store holds.
+    store.execute(_EMPTY_INDEXES)
     log.info("rm", image=digest, tags=tags)
     return Removed(digest, tags, deleted=True)
 
@@ -95,6 +100,8 @@ class GcResult:
     repacked: int = 0  # packs rewritten without their dead members
     bytes_before: int = 0  # the store file plus its WAL
     bytes_after: int = 0
+    manifests: int = 0  # registry indexes left without a stored image
+    seen: int = 0  # `seen` rows of digests nothing stored names
     vacuumed: bool = False
     checkpointed: bool = False  # False: a reader kept part of the WAL (the file shrinks later)
 
@@ -117,6 +124,16 @@ SELECT b.id, b.chunk FROM blob b
 WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.blob_id = b.id)
   AND b.id NOT IN (SELECT framing FROM diff WHERE framing IS NOT NULL)
   AND b.id NOT IN (SELECT digests FROM diff WHERE digests IS NOT NULL)"""
+
+_EMPTY_INDEXES = """DELETE FROM manifest WHERE image_id IS NULL
+  AND NOT EXISTS (SELECT 1 FROM manifest_child c WHERE c.index_id = manifest.id)"""
+
+# A digest may be seen in several repositories; a row is kept while the store
+# holds something that a push could mount with it.
+_DEAD_SEEN = """DELETE FROM seen
+WHERE digest NOT IN (SELECT digest FROM manifest)
+  AND digest NOT IN (SELECT digest FROM manifest_layer)
+  AND digest NOT IN (SELECT digest FROM image)"""
 
 
 def collect(store: Store, chunks: ChunkStore) -> GcResult:
@@ -157,6 +174,9 @@ def collect(store: Store, chunks: ChunkStore) -> GcResult:
         res.paths = _delete(store, "DELETE FROM path WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.path_id = path.id)"
                                    " AND NOT EXISTS (SELECT 1 FROM event e WHERE e.target_id = path.id)")
         log.info("gc", step="paths", removed=res.paths)
+        res.manifests = _delete(store, _EMPTY_INDEXES)
+        res.seen = _delete(store, _DEAD_SEEN)
+        log.info("gc", step="registry", indexes=res.manifests, seen=res.seen)
     # VACUUM cannot run inside a transaction; it is atomic on its own.  It
     # rewrites the whole file, so it runs only when the deletes freed pages.
     if store.scalar("PRAGMA freelist_count"):

@@ -73,6 +73,14 @@ def stats(store: Store, content: ContentStore) -> dict:
             "chunks": q("SELECT count(*) FROM chunk"),
             # .wh..wh.plnk and other AUFS bookkeeping: stored for the rebuild, never applied.
             "aufs_entries": q("SELECT count(*) FROM event WHERE kind = ?", (IGNORED,)),
+            # What pulls and pushes kept (engine/registry/records.py).
+            "manifests": q("SELECT count(*) FROM manifest WHERE image_id IS NOT NULL"),
+            "indexes": q("SELECT count(*) FROM manifest WHERE image_id IS NULL"),
+            "index_entries": q("SELECT count(*) FROM manifest_child"),
+            "manifest_bytes": q("SELECT coalesce(sum(length(data)), 0) FROM manifest"),
+            "layer_descriptors": q("SELECT count(*) FROM manifest_layer"),
+            "seen": q("SELECT count(*) FROM seen"),
+            "registries": q("SELECT count(DISTINCT registry) FROM seen"),
         }
         logical_tar, logical_files = store.one(
             f"""{_IMAGE_LAYERS} SELECT coalesce(sum(d.tar_size), 0), coalesce(sum(d.file_bytes), 0)

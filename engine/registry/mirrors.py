@@ -1,0 +1,175 @@
+"""registries.conf (containers-registries.conf(5), version 2): mirrors, rewritten
+locations, insecure and blocked registries, as podman and skopeo read them.
+
+The file is $CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf
+when it exists, else /etc/containers/registries.conf; then the drop-ins
+FILE.d/*.conf in name order, whose [[registry]] tables replace earlier ones of
+the same prefix.  A reference matches the [[registry]] table with the longest
+prefix (the prefix is its location unless given; `*.example.com` matches
+subdomains).  A pull tries each mirror in order, then the location; the first
+that serves the manifest serves the whole image.  A mirror with
+`pull-from-mirror = "digest-only"` (or its registry's `mirror-by-digest-only`)
+is skipped for a pull by tag, since a mirror's tags may lag.  Push goes to the
+location only.  Short-name aliases and unqualified-search-registries are not
+read: a name without a host is Docker Hub's (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .reference import Reference, parse
+
+SYSTEM = "/etc/containers/registries.conf"
+
+
+@dataclass(frozen=True)
+class Mirror:
+    location: str
+    insecure: bool = False
+    pull_from: str = "all"  # all, digest-only, tag-only
+
+
+@dataclass(frozen=True)
+class Entry:
+    prefix: str
+    location: str
+    insecure: bool = False
+    blocked: bool = False
+    mirrors: tuple[Mirror, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to ask for an image: the rewritten reference and whether it may be plain HTTP."""
+
+    ref: Reference
+    insecure: bool
+    mirror: bool
+
+
+def config_path() -> str | None:
+    env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    if env:
+        return env
+    cfg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    user = os.path.join(cfg, "containers", "registries.conf")
+    if os.path.exists(user):
+        return user
+    return SYSTEM if os.path.exists(SYSTEM) else None
+
+
+def _toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UsageError(f"{path}: reading registries.conf needs Python 3.11 or the tomli package") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read it ({e.__class__.__name__}: {e})") from None
+
+
+def _bool(v: object, path: str, what: str) -> bool:
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise UsageError(f"{path}: {what} must be true or false")
+    return v
+
+
+def _host_part(s: str) -> str:
+    return s.split("/", 1)[0]
+
+
+def _entries(path: str, doc: dict) -> list[Entry]:
+    regs = doc.get("registry", [])
+    if not isinstance(regs, list):
+        raise UsageError(f"{path}: [[registry]] must be a list of tables")
+    out = []
+    for r in regs:
+        if not isinstance(r, dict):
+            raise UsageError(f"{path}: [[registry]] must be a list of tables")
+        location = r.get("location") or ""
+        prefix = r.get("prefix") or location
+        if not isinstance(location, str) or not isinstance(prefix, str) or not prefix:
+            raise UsageError(f"{path}: a [[registry]] needs a location or a prefix")
+        if not location and not prefix.startswith("*."):
+            location = prefix
+        by_digest = _bool(r.get("mirror-by-digest-only"), path, "mirror-by-digest-only")
+        mirrors = []
+        for m in r.get("mirror", []) or []:
+            if not isinstance(m, dict) or not isinstance(m.get("location"), str) or not m["location"]:
+                raise UsageError(f"{path}: a [[registry.mirror]] of {prefix} needs a location")
+            pull_from = m.get("pull-from-mirror") or ("digest-only" if by_digest else "all")
+            if pull_from not in ("all", "digest-only", "tag-only"):
+                raise UsageError(f"{path}: pull-from-mirror {pull_from!r}: expected all, digest-only or tag-only")
+            mirrors.append(Mirror(m["location"].rstrip("/"), _bool(m.get("insecure"), path, "insecure"), pull_from))
+        out.append(Entry(prefix.rstrip("/"), location.rstrip("/"), _bool(r.get("insecure"), path, "insecure"),
+                         _bool(r.get("blocked"), path, "blocked"), tuple(mirrors)))
+    return out
+
+
+def load() -> list[Entry]:
+    path = config_path()
+    if path is None:
+        return []
+    by_prefix: dict[str, Entry] = {}
+    for f in [path, *sorted(glob.glob(os.path.join(path + ".d", "*.conf")))]:
+        for e in _entries(f, _toml(f)):
+            by_prefix[e.prefix] = e
+    return list(by_prefix.values())
+
+
+def _matches(prefix: str, name: str) -> int:
+    """How long a match prefix is for the name host/repo (0: none)."""
+    if prefix.startswith("*."):
+        host = _host_part(name)
+        return len(prefix) if host.endswith(prefix[1:]) else 0
+    if name == prefix or (name.startswith(prefix) and name[len(prefix)] in "/:@"):
+        return len(prefix)
+    return 0
+
+
+def match(ref: Reference, entries: list[Entry] | None = None) -> Entry | None:
+    name = ref.name
+    best, n = None, 0
+    for e in load() if entries is None else entries:
+        k = _matches(e.prefix, name)
+        if k > n:
+            best, n = e, k
+    return best
+
+
+def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:
+    if prefix.startswith("*."):
+        return ref  # a wildcard entry sets options; its location is the host itself
+    out = parse(location + ref.name[len(prefix):], default_tag=False)
+    return Reference(out.registry, out.repository, ref.tag, ref.digest)
+
+
+def sources(ref: Reference, *, pull: bool) -> list[Source]:
+    """Where to fetch (pull: mirrors first) or send (push: the location) ref."""
+    e = match(ref)
+    if e is None:
+        return [Source(ref, False, False)]
+    if e.blocked:
+        raise UsageError(f"{ref.name} is blocked by registries.conf ({config_path()}, prefix {e.prefix})")
+    out = []
+    if pull:
+        for m in e.mirrors:
+            if (m.pull_from == "digest-only" and ref.digest is None) or (m.pull_from == "tag-only" and ref.digest):
+                continue
+            out.append(Source(_rewrite(ref, e.prefix, m.location), m.insecure, True))
+    main = _rewrite(ref, e.prefix, e.location) if e.location else ref
+    out.append(Source(main, e.insecure, False))
+    return out
