@@ -18,8 +18,13 @@ from .base import cli
 HELP = """\
 Panes: Layers, Layer Details, Image Details (left); the file tree (right).
 
-tab / shift+tab      next / previous pane
+tab / shift+tab      next / previous pane: layers, the inefficient files, the tree
 up down j k          move; pgup pgdn home end
+mouse                a click selects a layer or a row, and opens or closes a
+                     directory; a double click on an inefficient file opens its
+                     history; the wheel scrolls
+enter h (image       the history of an inefficient file; B marks one whose first
+  details)           version came with the base layer (the image's steps only changed it)
 enter space          open or close a directory (tree)
 ctrl+space           close every directory (a terminal sends ctrl+@)
 /  ctrl+f            filter the tree by path (glob with * ? [, else a substring;
@@ -113,8 +118,9 @@ def _app_class():
     import shlex
     import subprocess
 
+    from rich.segment import Segment
     from rich.text import Text
-    from textual.app import App, ComposeResult
+    from textual.app import App, ComposeResult, SuspendNotSupported
     from textual.binding import Binding
     from textual.containers import Horizontal, Vertical, VerticalScroll
     from textual.geometry import Size
@@ -136,16 +142,83 @@ def _app_class():
     def human(n):
         return render.size(n) if n is not None else "-"
 
-    class TreeView(ScrollView, can_focus=True):
+    class LineList(ScrollView, can_focus=True):
+        """Rows drawn one line at a time, only the visible ones, with a cursor; a
+        click puts the cursor on its row, the wheel scrolls (ScrollView's own)."""
+
+        BINDINGS = [
+            # No j/k-style letters for pages: d and u are the app's (diff) keys.
+            Binding("up,k", "move(-1)", "up", show=False),
+            Binding("down,j", "move(1)", "down", show=False),
+            Binding("pageup", "page(-1)", show=False),
+            Binding("pagedown", "page(1)", show=False),
+            Binding("home", "move(-1000000000)", show=False),
+            Binding("end", "move(1000000000)", show=False),
+        ]
+
+        def count(self) -> int:
+            raise NotImplementedError
+
+        def line(self, i: int) -> Text:
+            raise NotImplementedError
+
+        cursor = 0
+
+        def moved(self) -> None:
+            """The cursor has moved (a key or a click)."""
+
+        def sync(self) -> None:
+            h = self.scrollable_content_region.height or 1
+            c, y = self.cursor, self.scroll_offset.y
+            y = c if c < y else c - h + 1 if c >= y + h else y
+            self.virtual_size = Size(self.size.width, self.count())
+            if y != self.scroll_offset.y:
+                self.scroll_to(y=y, animate=False)
+            self.refresh()
+
+        def on_resize(self, event) -> None:
+            self.sync()
+
+        def render_line(self, y: int) -> Strip:
+            width = self.size.width
+            i = self.scroll_offset.y + y
+            if i >= self.count():
+                return Strip.blank(width, self.rich_style)
+            text = self.line(i)
+            if i == self.cursor:
+                text.stylize("reverse" if self.has_focus else "underline")
+            # Unstyled text gives segments whose style is None, which NO_COLOR's filter cannot take.
+            segs = list(Segment.apply_style(text.render(self.app.console), self.rich_style))
+            return Strip(segs).crop(0, width).extend_cell_length(width, self.rich_style)
+
+        def on_focus(self) -> None:
+            self.refresh()
+
+        def on_blur(self) -> None:
+            self.refresh()
+
+        def action_move(self, n: int) -> None:
+            if self.count():
+                self.cursor = max(0, min(self.count() - 1, self.cursor + n))
+            self.sync()
+            self.moved()
+
+        def action_page(self, n: int) -> None:
+            self.action_move(n * max(1, self.scrollable_content_region.height - 1))
+
+        def on_click(self, event) -> None:
+            i = self.scroll_offset.y + event.y
+            if 0 <= i < self.count():
+                self.action_move(i - self.cursor)
+                self.clicked(event.chain)
+
+        def clicked(self, chain: int) -> None:
+            """A click (chain 2: a double click) landed on the cursor's row."""
+
+    class TreeView(LineList):
         """The file tree: renders only the visible rows of the model's TreeState."""
 
         BINDINGS = [
-            Binding("up,k", "move(-1)", "up", show=False),
-            Binding("down,j", "move(1)", "down", show=False),
-            Binding("pageup,u", "page(-1)", show=False),
-            Binding("pagedown,d", "page(1)", show=False),
-            Binding("home", "move(-1000000000)", show=False),
-            Binding("end", "move(1000000000)", show=False),
             Binding("enter,space", "toggle", "open/close"),
             Binding("ctrl+space,ctrl+@", "collapse_all", show=False),
             Binding("ctrl+a", "app.mark('A')", show=False),
@@ -157,24 +230,37 @@ def _app_class():
             super().__init__(**kw)
             self.state = state
 
+        def count(self) -> int:
+            return len(self.state.rows)
+
+        @property
+        def cursor(self) -> int:
+            return self.state.cursor
+
+        @cursor.setter
+        def cursor(self, i: int) -> None:
+            self.state.cursor = i
+
         def sync(self) -> None:
-            h = self.scrollable_content_region.height or 1
-            c, y = self.state.cursor, self.scroll_offset.y
-            y = c if c < y else c - h + 1 if c >= y + h else y
-            # A directory's next names are read when its `more` row comes into view.
+            super().sync()
+            self.read_shown_more()
+
+        def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+            super().watch_scroll_y(old_value, new_value)
+            self.call_later(self.read_shown_more)  # the wheel, or a scroll bar drag
+
+        def read_shown_more(self) -> None:
+            """A directory's next names are read when its `more` row comes into view."""
+            y, h = self.scroll_offset.y, self.scrollable_content_region.height or 1
             for i in range(max(0, y), min(len(self.state.rows), y + h)):
                 if self.state.rows[i].more:
                     self.app.guard(self.state.read_more, i)
+                    self.virtual_size = Size(self.size.width, self.count())
+                    self.refresh()
                     break
-            self.virtual_size = Size(self.size.width, len(self.state.rows))
-            if y != self.scroll_offset.y:
-                self.scroll_to(y=y, animate=False)
-            self.refresh()
 
-        def on_resize(self, event) -> None:
-            self.sync()
-
-        def line(self, row) -> Text:
+        def line(self, i: int) -> Text:
+            row = self.state.rows[i]
             if row.more:
                 t = Text(" " * 33)
                 t.append(row.guides, style="dim")
@@ -197,31 +283,13 @@ def _app_class():
             t.stylize(style, 0, 1)
             return t
 
-        def render_line(self, y: int) -> Strip:
-            width = self.size.width
-            i = self.scroll_offset.y + y
-            rows = self.state.rows
-            if i >= len(rows):
-                return Strip.blank(width, self.rich_style)
-            text = self.line(rows[i])
-            if i == self.state.cursor:
-                text.stylize("reverse" if self.has_focus else "underline")
-            segs = list(text.render(self.app.console))
-            return Strip(segs).crop(0, width).extend_cell_length(width, self.rich_style)
-
-        def on_focus(self) -> None:
-            self.refresh()
-
-        def on_blur(self) -> None:
-            self.refresh()
-
-        def action_move(self, n: int) -> None:
-            self.state.move(n)
-            self.sync()
+        def moved(self) -> None:
             self.app.cursor_moved()
 
-        def action_page(self, n: int) -> None:
-            self.action_move(n * max(1, self.scrollable_content_region.height - 1))
+        def clicked(self, chain: int) -> None:
+            e = self.state.current
+            if e is not None and e.opens and chain == 1:  # a double click would close it again
+                self.action_toggle()
 
         def action_toggle(self) -> None:
             self.app.guard(self.state.toggle)
@@ -230,6 +298,35 @@ def _app_class():
         def action_collapse_all(self) -> None:
             self.state.collapse_all()
             self.sync()
+
+    class WastedList(LineList):
+        """The image details' inefficient files (dive's list); enter or h opens a
+        file's history.  B marks a file whose first version came with the base layer."""
+
+        BINDINGS = [Binding("enter,h", "open", "history")]
+
+        rows: list[dict] = []
+
+        def show(self, rows: list[dict]) -> None:
+            self.rows, self.cursor = rows, 0
+            self.can_focus = bool(rows)  # tab skips an empty list
+            self.styles.height = len(rows)
+            self.sync()
+
+        def count(self) -> int:
+            return len(self.rows)
+
+        def line(self, i: int) -> Text:
+            w = self.rows[i]
+            return Text(f"{'B' if w['base'] else ' '}{w['count']:>4}  {human(w['size']):>11}  {w['path']}")
+
+        def action_open(self) -> None:
+            if self.rows:
+                self.app.open_history(self.rows[self.cursor]["path"])
+
+        def clicked(self, chain: int) -> None:
+            if chain == 2:
+                self.action_open()
 
     class LayersTable(DataTable):
         BINDINGS = [
@@ -330,13 +427,15 @@ def _app_class():
         #layers { height: 1fr; min-height: 8; border: round $secondary; scrollbar-size-horizontal: 0; }
         #layer-details { height: auto; max-height: 10; border: round $secondary; padding: 0 1; }
         #image-details { height: auto; max-height: 12; border: round $secondary; padding: 0 1; }
+        #image-summary { height: auto; }
+        #wasted { height: 0; max-height: 5; }  /* the rest scrolls: the layers pane keeps its rows */
         #right { border: round $secondary; }
         #tree-head { height: 1; color: $text-muted; }
         #tree { height: 1fr; }
         #filter, #compare { height: 1; border: none; padding: 0; display: none; }
         #filter.on, #compare.on { display: block; }
         #status { height: 1; background: $panel; }
-        #layers:focus, #right:focus-within { border: round $accent; }
+        #layers:focus, #right:focus-within, #image-details:focus-within { border: round $accent; }
         #text-title, #table-title { height: 1; background: $panel; }
         #table-status { height: 1; }
         """
@@ -387,7 +486,9 @@ def _app_class():
                 with Vertical(id="left"):
                     yield LayersTable(id="layers", cursor_type="row")
                     yield Static(id="layer-details")
-                    yield Static("computing…", id="image-details")
+                    with Vertical(id="image-details"):
+                        yield Static("computing…", id="image-summary")
+                        yield WastedList(id="wasted")
                 with Vertical(id="right"):
                     yield Static(f"  {'Permission':10} {'UID:GID':>9} {'Size':>8}  Filetree", id="tree-head")
                     yield TreeView(self.state, id="tree")
@@ -431,18 +532,19 @@ def _app_class():
             self.call_from_thread(self.show_image_details, details)
 
         def show_image_details(self, d: dict) -> None:
+            summary = self.query_one("#image-summary", Static)
             if "error" in d:
-                self.query_one("#image-details", Static).update(d["error"])
+                summary.update(d["error"])
                 return
-            t = Text()
-            t.append(f"Image name: {d['image']}\nTotal Image size: {human(d['total_size'])}\n"
+            t = Text(f"Image name: {d['image']}\nTotal Image size: {human(d['total_size'])}\n"
                      f"Potential wasted space: {human(d['wasted_bytes'])}\n"
-                     f"Image efficiency score: {100 * d['efficiency']:.2f} %\n")
+                     f"Image efficiency score: {100 * d['efficiency']:.2f} %")
             if d["top_wasted"]:  # dive's list: paths seen twice or more, all their bytes
-                t.append(f"{'Count':>5}  {'Total Space':>11}  Path\n", style="bold")
-                for w in d["top_wasted"]:
-                    t.append(f"{w['count']:>5}  {human(w['size']):>11}  {w['path']}\n")
-            self.query_one("#image-details", Static).update(t)
+                t.append(f"\n{'Count':>5}  {'Total Space':>11}  Path", style="bold")
+            summary.update(t)
+            self.query_one(WastedList).show(d["top_wasted"])
+            self.query_one("#image-details").border_subtitle = (
+                "B: from the base layer" if any(w["base"] for w in d["top_wasted"]) else None)
 
         def show_layer(self) -> None:
             s = self.state
@@ -590,22 +692,25 @@ def _app_class():
 
         def action_history(self) -> None:
             e = self.selected()
-            if e is None:
-                return
-            rows = self.guard(self.ex.history, e.path)
+            if e is not None:
+                self.open_history(e.shown)
+
+        def open_history(self, path: str) -> None:
+            """The path's history (from the tree, or a wasted file); enter jumps to a row's layer."""
+            rows = self.guard(self.ex.history, path)
             if rows is None:
                 return
 
             def enter(i: int) -> None:
                 self.pop_screen()
-                self.jump(rows[i]["position"], e.path)
+                self.jump(rows[i]["position"], path)
 
             def diff(old: int, new: int) -> None:
-                text = self.guard(self.ex.diff, e.path, self.state.t, old, new)
+                text = self.guard(self.ex.diff, path, self.state.t, old, new)
                 if text is not None:
-                    self.push_screen(TextScreen(f"{e.shown}: version {old} -> {new}", diff_text(text or "(no change)\n")))
+                    self.push_screen(TextScreen(f"{path}: version {old} -> {new}", diff_text(text or "(no change)\n")))
 
-            self.push_screen(HistoryScreen(e.shown, rows, enter, diff))
+            self.push_screen(HistoryScreen(path, rows, enter, diff))
 
         def jump(self, t: int, path: bytes | str) -> None:
             table = self.query_one("#layers", LayersTable)
@@ -657,8 +762,11 @@ def _app_class():
                 except LayerdbError as err:
                     self.notify(err.message, severity="error")
                     return
-                with self.suspend():
-                    subprocess.run([*shlex.split(pager), name])
+                try:
+                    with self.suspend():
+                        subprocess.run([*shlex.split(pager), name])
+                except SuspendNotSupported:  # in a browser (textual-serve) there is no terminal to lend
+                    self.notify("no terminal for the pager here: o views the file", severity="warning")
 
         def action_extract(self) -> None:
             e = self.selected()
@@ -689,7 +797,8 @@ def _app_class():
             self.state = self.db.explorer_tree(ex, t, self.state.aggregated)
             self.query_one(TreeView).state = self.state
             self.fill_layers()
-            self.query_one("#image-details", Static).update("computing…")
+            self.query_one("#image-summary", Static).update("computing…")
+            self.query_one(WastedList).show([])
             self.run_worker(self.load_image_details, thread=True, exclusive=True, group="details")
             self.jump(t, path)
 

@@ -8,12 +8,13 @@ import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 
 import pytest
 
 from conftest import REPO_FIXTURES, SHARED_FIXTURES, count_replays, manifest_of_dir, oracle_positions
 from test_audit import oracle_diff, oracle_dir, oracle_view
-from test_explore_efficiency import dive_score, images_of, trees_of
+from test_explore_efficiency import _open_layer, dive_score, images_of, trees_of
 
 SAMPLE = REPO_FIXTURES / "images" / "sample.oci.tar"
 SAMPLE2 = REPO_FIXTURES / "images" / "sample2.oci.tar"
@@ -110,7 +111,12 @@ def test_layers_and_details_are_the_images_history(db):
     assert d["total_size"] == sum(x["size"] for x in got) == want["size_bytes"]
     assert {(x["path"].encode(), x["count"], x["size"]) for x in d["top_wasted"]} == want["inefficient"]
     # /etc/passwd: 82 bytes in layer 1, 120 in layer 3: dive counts both
-    assert d["top_wasted"][0] == {"path": "/etc/passwd", "count": 2, "size": 202}
+    assert d["top_wasted"][0] == {"path": "/etc/passwd", "count": 2, "size": 202, "base": True}
+    # Marked as the base image's (dive #454): the files the bottom layer's own tar holds.
+    with _open_layer(images_of(SAMPLE)[0][1][0]) as tf:
+        in_base = {"/" + posixpath.normpath(m.name) for m in tf}
+    base = [x["base"] for x in d["top_wasted"]]
+    assert base == [x["path"] in in_base for x in d["top_wasted"]] and any(base) and not all(base)
 
 
 def test_a_directory_listing_replays_that_directory_only(db, monkeypatch):

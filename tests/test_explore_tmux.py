@@ -24,8 +24,8 @@ WIDTH, HEIGHT = 120, 36
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def sample_store(tmp_path_factory):
+    """A store holding sample:1.0 and sample2:1.0 (the explorer's tests share it)."""
     from layerdb.engine.api import LayerDB
 
     path = tmp_path_factory.mktemp("explore") / "store.sqlite"
@@ -33,6 +33,11 @@ def store(tmp_path_factory):
         db.import_archive(str(SAMPLE))
         db.import_archive(str(SAMPLE2))
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return sample_store(tmp_path_factory)
 
 
 class Term:
@@ -143,7 +148,7 @@ def test_first_frame_then_q_quits_with_0_and_restores_the_screen(term):
         "│ Potential wasted space: 372B                       │",
         "│ Image efficiency score: 99.99 %                    │",
         "│ Count  Total Space  Path                           │",
-        "│     2         202B  /etc/passwd                    │",
+        "│ B   2         202B  /etc/passwd                    │",  # B: its first version is in layer 1
         "│     2         125B  /app/config.ini                │",
         "│     2          20B  /app/cache/seed.txt            │",
         "│     2          16B  /app/old.log                   │",
@@ -183,7 +188,7 @@ def test_filter_enter_n_and_escape(term):
 def test_ctrl_keys_as_a_terminal_sends_them(term):
     t = term("sample:1.0")
     t.wait_for("└── tmp/")
-    t.keys("Tab", "Up", "Up", "Tab")  # to the layers pane, two layers down, back to the tree
+    t.keys("Tab", "Up", "Up", "BTab")  # to the layers pane, two layers down, back to the tree
     s = t.wait_for("Layer 4 of 6")
     t.keys("Enter")  # open /app at layer 4: rm /app/old.log && rm -rf /app/docs
     t.wait(lambda s: tree(s)[:6] == ["U drwxr-xr-x       0:0        -  ├── app",
@@ -297,7 +302,7 @@ def test_a_range_of_layers_v_then_move(term):
     t.keys("Tab", "Up", "v")  # layer 5 is one end
     s = t.wait(lambda s: "range from 5" in status(s))
     assert status(s) == "layer 5/6 │ range from 5: move to its other end │ sort: name │ /app   ? help  q quit"
-    t.keys("Up", "Tab", "Enter")  # layer 4 the other: the changes of layers 4 and 5, the view at 5
+    t.keys("Up", "BTab", "Enter")  # layer 4 the other: the changes of layers 4 and 5, the view at 5
     s = t.wait(lambda s: tree(s)[:11] == [
         "U drwxr-xr-x       0:0        -  ├── app",
         "A -rw-r--r--       0:0       4B  │   ├── VERSION",  # layer 5: echo 1.0 > /app/VERSION
@@ -422,3 +427,26 @@ def test_a_bad_theme_is_one_line(term):
     s = t.wait_for("EXIT=")
     assert any(line.startswith("layerdb: error: Invalid value for --theme: 'nosuch'") for line in s)
     assert "EXIT=2" in s
+
+
+def test_an_inefficient_file_opens_its_history_and_enter_jumps(term):
+    t = term("sample:1.0")
+    t.wait_for("Image efficiency score: 99.99 %")
+    t.keys("Tab", "Tab", "j", "Enter")  # the layers, then the inefficient files: the second one
+    s = t.wait_for("History of /app/config.ini")
+    rows = [line.split() for line in s if line.strip().startswith(("1 ", "2 "))]
+    # `layerdb log /app/config.ini --image sample:1.0`: COPY added it, the sed of layer 3 changed it.
+    assert [r[:8] for r in rows] == [["1", "2", "eb68952c48ed", "add", "f", "0644", "0:0", "62B"],
+                                     ["2", "3", "ed65f77383c3", "modify", "f", "0644", "0:0", "63B"]]
+    t.keys("j", "Enter")
+    s = t.wait(lambda s: "╭─ Layer 3 of 6: this layer's changes ─" in s[0] and "config.ini" in status(s))
+    assert status(s) == "layer 3/6 │ this layer │ sort: name │ /app/config.ini   ? help  q quit"
+    # /app at layer 3 (`view --at sample:1.0~3 /app`), its config.ini changed there (`diff sample:1.0~4 sample:1.0~3`).
+    assert tree(s)[:6] == ["U drwxr-xr-x       0:0        -  ├── app",
+                           "U drwxr-xr-x       0:0        -  │   ├── cache/",
+                           "M -rw-r--r--       0:0      63B  │   ├── config.ini",
+                           "U drwxr-xr-x       0:0        -  │   ├── docs/",
+                           "U -rw-r--r--       0:0      16B  │   ├── old.log",
+                           "U -rwxr-xr-x       0:0     162B  │   └── run.sh"]
+    t.keys("q")
+    assert "EXIT=0" in t.wait_for("EXIT=")

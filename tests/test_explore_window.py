@@ -175,3 +175,56 @@ def test_in_a_terminal_scrolling_to_the_end_reads_the_next_window(big, tmp_path)
         assert "EXIT=0" in t.wait_for("EXIT=")
     finally:
         t.close()
+
+
+def test_the_mouse_wheel_scrolls_the_tree_and_reads_the_next_window(tmp_path, big):
+    """Headless (Pilot): the wheel moves the view, not the cursor, and a `more` row
+    scrolled into view reads the next names, as the keys do."""
+    import asyncio
+
+    from textual.events import MouseScrollDown, MouseScrollUp
+
+    from layerdb.cli.explore_cmds import _app_class
+    from layerdb.engine.api import LayerDB
+    from layerdb.engine.explore.model import WINDOW
+
+    archive, before, after = big
+    names = sorted(set(before) | set(after))
+    with LayerDB(tmp_path / "store.sqlite") as db:
+        db.import_archive(archive)
+        app = _app_class()(db, db.explorer("big:1"))
+
+        async def main():
+            async with app.run_test(size=(120, 40)) as pilot:
+                tree = app.query_one("#tree")
+                await pilot.press("enter")  # open /big: its first window
+                await pilot.pause()
+                assert listing(app.state) == [("/big/" + n, m) for n, m in listing_marks(names[:WINDOW], after, before)]
+                assert app.state.rows[-1].more and tree.scroll_offset.y == 0
+                h = tree.scrollable_content_region.height
+                for _ in range(3):
+                    await pilot._post_mouse_events([MouseScrollDown], tree, offset=(5, 5))
+                await pilot.pause()
+                y = tree.scroll_offset.y
+                assert y > 0 and app.state.cursor == 0 and tree.cursor == 0  # the view moved, the cursor did not
+                await pilot._post_mouse_events([MouseScrollUp], tree, offset=(5, 5))
+                await pilot.pause()
+                assert 0 <= tree.scroll_offset.y < y
+                # Near the end of the window, the wheel brings the `more` row into view: the next names are read.
+                tree.scroll_to(y=len(app.state.rows) - h - 1, animate=False)
+                await pilot.pause()
+                assert len(listing(app.state)) == WINDOW
+                for _ in range(3):
+                    await pilot._post_mouse_events([MouseScrollDown], tree, offset=(5, 5))
+                await pilot.pause()
+                assert [p for p, _ in listing(app.state)] == ["/big/" + n for n in names[:2 * WINDOW]]
+                await pilot.press("q")
+
+        asyncio.run(main())
+    assert app.return_code == 0
+
+
+def listing_marks(shown, after, before):
+    """This layer's marks for names of /big at layer 2: R for the deleted, A for the new, M the rewritten one."""
+    gone, new = set(before) - set(after), set(after) - set(before)
+    return [(n, "R" if n in gone else "A" if n in new else "M" if n == "f00010" else "U") for n in shown]

@@ -172,16 +172,24 @@ class Explorer:
         if self._details is None:
             with self.store.read():
                 d = dive_efficiency(self.store, self.r.chain, TOP_WASTED)
+                base = {i["path"]: self._in_base(i["path"]) for i in d["inefficiencies"]}
             self._details = {
                 "image": self.label,
                 "total_size": d["size_bytes"],
                 "efficiency": d["efficiency"],
                 "wasted_bytes": d["wasted_bytes"],
                 "user_wasted_percent": d["wasted_user_percent"],
-                "top_wasted": [{"path": show_path(i["path"]), "count": i["count"], "size": i["size"]}
-                               for i in d["inefficiencies"]],
+                "top_wasted": [{"path": show_path(i["path"]), "count": i["count"], "size": i["size"],
+                                "base": base[i["path"]]} for i in d["inefficiencies"]],
             }
         return self._details
+
+    def _in_base(self, path: bytes) -> bool:
+        """Whether the path's first version is in the bottom layer: it came with the
+        base image, so the image's own steps only wasted it by changing it (dive #454)."""
+        return self.store.execute(
+            "SELECT 1 FROM event e JOIN path p ON p.id = e.path_id WHERE p.path = ? AND e.diff_id = ? LIMIT 1",
+            (path, self.r.chain[0][1])).fetchone() is not None
 
     # The tree ----------------------------------------------------------------------
 
