@@ -70,7 +70,13 @@ def _secret(ctx, param, values):
 @click.pass_context
 def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, secrets,
           platform, quiet, pull, creds, authfile, cert_dir, tls_verify, as_json):
-    """Build an image from a Dockerfile, RUN steps included."""
+    """Build an image from a Dockerfile, RUN steps included.
+
+    \b
+    A RUN step's root is kernel overlayfs; where it cannot be mounted,
+    fuse-overlayfs; where neither can, the step's parent view is exported, the
+    step runs in it and the difference is applied (slower; the output says so).
+    $LAYERDB_BUILD_ROOT=kernel|fuse|export forces one."""
     db = open_db(ctx)
     verbose = ctx.find_root().params.get("verbose") or 0
 

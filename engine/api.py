@@ -416,7 +416,8 @@ class LayerDB(Reader):
         return auth.logout(registry, authfile=authfile)
 
     # builds ------------------------------------------------------------------
-    # `layerdb build` (engine/build/): a Dockerfile to an image; RUN on kernel overlayfs.
+    # `layerdb build` (engine/build/): a Dockerfile to an image; RUN on kernel overlayfs, else
+    # fuse-overlayfs, else export, run and apply (engine/build/builder.py says why in that order).
 
     def build(self, context: str, dockerfile: str | None = None, tags: list[str] | None = None,
               build_args: dict[str, str] | None = None, target: str | None = None, no_cache: bool = False,

@@ -98,7 +98,10 @@ def test_metadata_steps_match_buildah(db, tmp_path):
     assert res.layers == 0
 
 
-def test_layers_copy_run_match_buildah(db, tmp_path):
+@pytest.mark.parametrize("root", ["kernel", "export"])
+def test_layers_copy_run_match_buildah(db, tmp_path, monkeypatch, root):
+    """On the kernel's overlay and on RUN's export/run/apply fallback alike."""
+    monkeypatch.setenv("LAYERDB_BUILD_ROOT", root)
     db.import_archive(str(BASE))
     ctx = _context(tmp_path, LAYERS)
     oracle = tmp_path / "oracle.tar"
@@ -154,3 +157,28 @@ def test_run_mounts_match_buildah(db, tmp_path):
     # Nothing of the mounts is in a layer: only the file each step wrote.
     _, layers = read_archive(mine)
     assert [sorted(layer) for layer in layers[-7:]] == [[f"out{n}"] for n in ("1", "2", "2b", "3", "4", "5", "6")]
+
+
+def test_changes_of_every_kind_match_buildah_on_both_roots(db, tmp_path, monkeypatch):
+    """A RUN that adds, modifies and deletes files, deletes a directory with contents,
+    replaces a directory by a file, changes only a mode or an owner, makes hard links
+    and a symlink, and writes a file with the same bytes: buildah's layers, on the
+    kernel's overlay and on the export/run/apply fallback alike, bar two places where
+    buildah's vfs driver (a plain tree difference) and overlayfs part ways, and
+    layerdb follows overlayfs as docker does: a hard link to a file of a lower layer
+    copies that file up (buildah stores the new name as a file of its own), and a
+    directory in which a name came and went is copied up."""
+    from test_build_fallback import CHANGES
+
+    db.import_archive(str(BASE))
+    ctx = _context(tmp_path, CHANGES.replace("FROM sample:1.0", "ARG BASE\nFROM ${BASE}"))
+    oracle = tmp_path / "oracle.tar"
+    buildah_build(str(ctx), str(oracle), {"BASE": f"oci-archive:{BASE}"})
+    motd = "'f', 420, 0, 0, 37, '53550fa5a9112f8e6814d9b5bdef22b24d05af1a3b30a0aadc26c34553b6b336'"
+    for mode in ("kernel", "export"):
+        monkeypatch.setenv("LAYERDB_BUILD_ROOT", mode)
+        mine, res = _mine(db, ctx, tmp_path, "sample:1.0", no_cache=True)
+        assert compare(str(oracle), mine, mount_targets=("/etc/scratch",)) == [
+            f"layer 8 /etc/motd: oracle None, mine ({motd}, '', ())",
+            f"layer 8 /motd-link: oracle ({motd}, '', ()), mine ('h', 420, 0, 0, 0, '', 'etc/motd', ())",
+            "layer 9 /root: oracle None, mine ('d', 448, 0, 0, 0, '', '', ())"], mode

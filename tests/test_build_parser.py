@@ -401,7 +401,8 @@ def test_run_mount_specs_as_the_reference_defines_them():
     assert mount("type=secret,target=/etc/key,required", "/").id == "key"
     assert mount("type=tmpfs,target=/t,size=64m", "/").size == 64 << 20
     assert mount('type=bind,"source=a,b",target=/x', "/").source == "a,b"  # CSV quoting
-    for bad, message in (("type=cache,target=/x,from=s", "not supported"), ("type=tmpfs,target=/t,size=lots", "not a size"),
+    for bad, message in (("type=cache,target=/x,source=/s", "give from= too"),
+                         ("type=tmpfs,target=/t,size=lots", "not a size"),
                          ("type=bind,target=/", "cannot be /"), ("type=tmpfs,target=/t,ro", "takes no ro"),
                          ("target=/x,ro,rw", "exclude each other"), ("type=cache,target=/x,mode=999", "not a number")):
         with pytest.raises(DockerfileError, match=message):

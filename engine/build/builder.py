@@ -21,16 +21,28 @@ covered by a test):
   the layer (buildah leaves the parents); writes to a read-write bind are
   thrown away, as the reference says (buildah 1.28 writes them into the
   context); a bind shows the context directory as it is, .dockerignore
-  applying to COPY only (as buildah); `sharing=locked` takes a lock, `private`
-  is `shared`.  A bind's contents join the step's key; a cache's or secret's
-  never do.
+  applying to COPY only (as buildah); a cache's `sharing` is the reference's
+  (locked: one step at a time; private: an instance of its own per concurrent
+  use), and `from=`/`source=` seed a new cache from a stage.  A bind's
+  contents join the step's key; a cache's or secret's never do.
 - FROM --platform (or the build's --platform) takes that platform's image of
   the index a stored image was pulled from; a stored image of another platform
   is pulled for it when pulling is allowed, else refused, and still refused if
   the registry has only that one.
-- RUN's root is kernel overlayfs; where it cannot be mounted, or past its 500
-  lower layers, fuse-overlayfs (when installed; the output says so), else one
-  error line.
+- RUN's root, in this order (the output says once which fallback it took, and
+  why; BuildOptions.overlay or $LAYERDB_BUILD_ROOT=kernel|fuse|export forces one):
+  1. kernel overlayfs: a mount costs about 20 ms and the layer is the upper
+     directory, so a step costs what it changes, not the image;
+  2. fuse-overlayfs, where the kernel's cannot mount (no overlay support, an
+     upper on a file system it refuses) or past its 500 lower layers: still
+     O(changes) and the same upper-directory format, but every file operation
+     goes through a daemon (build.md: 5-10x slower writes);
+  3. export, run, apply (engine/build/rootdir.py), where neither serves: the
+     parent view is written into a directory, the step runs there, and the
+     difference becomes the layer.  It needs nothing but the namespaces, but
+     costs the whole view per step, in time and disk, so it comes last.
+  All three give the same layers (tests/test_build_fallback.py), overlayfs's
+  copy-up included; rootdir.py names the two corners where they cannot.
 
 The cache: a step's key chains its parent's key with the instruction as
 written and every input it resolves (args, env, user, workdir, and for
@@ -71,7 +83,7 @@ from ..store import Store
 from . import cache
 from . import dockerfile as df
 from . import mounts as mounts_
-from . import runtime
+from . import rootdir, runtime
 from .context import Context
 from .ignore import Ignore
 from .layers import LayerEntry, materialize, upper_entries, write_layer
@@ -82,6 +94,7 @@ DEFAULT_SHELL = ["/bin/sh", "-c"]
 PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy", "NO_PROXY",
               "no_proxy", "ALL_PROXY", "all_proxy")
 SECRETS_DIR = "/dev/shm"  # tmpfs: where RUN --mount=type=secret copies are bound from
+ROOT_MODES = ("auto", "kernel", "fuse", "export")
 OUTPUT_TAIL = 20  # lines of a failed RUN's output in its error
 ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
@@ -118,7 +131,9 @@ class BuildOptions:
     secrets: dict[str, str] = field(default_factory=dict)  # RUN --mount=type=secret: id -> host file
     platform: str | None = None  # OS/ARCH[/VARIANT] of the build; None: this machine's
     cache_max: int = cache.DEFAULT_MAX  # bytes of materialised layers kept after the build
-    overlay: str = "auto"  # RUN's root: "auto" (the kernel's overlayfs, else fuse-overlayfs) or "fuse"
+    # RUN's root: "auto" (the kernel's overlayfs, else fuse-overlayfs, else export/run/apply),
+    # or one of them forced: "kernel", "fuse", "export" (also $LAYERDB_BUILD_ROOT, for the CLI).
+    overlay: str = "auto"
 
 
 @dataclass
@@ -182,6 +197,10 @@ class Builder:
         self.result = BuildResult("", list(opts.tags), 0)
         self.tmp: str | None = None
         self.missed = False  # once a step misses, every later step of its stage does
+        self.root_mode = opts.overlay if opts.overlay != "auto" else os.environ.get("LAYERDB_BUILD_ROOT") or "auto"
+        if self.root_mode not in ROOT_MODES:
+            raise BuildError(f"{'LAYERDB_BUILD_ROOT' if opts.overlay == 'auto' else 'overlay'}={self.root_mode}:"
+                             f" use one of {', '.join(ROOT_MODES)}")
         self.timestamp = opts.timestamp
         if self.timestamp is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             self.timestamp = int(os.environ["SOURCE_DATE_EPOCH"])
@@ -206,6 +225,7 @@ class Builder:
         layers = os.path.join(self.cache_dir, "layers")
         for d in (layers, os.path.join(self.cache_dir, "tmp")):
             cache.clean_stale(d)
+        cache.clean_stale(os.path.join(self.cache_dir, "mounts"), ("build",), tmp_files=False)
         cache.clean_stale(SECRETS_DIR, ("layerdb-secret",), tmp_files=False)
         # The build's scratch space lives beside the layer cache, not in /tmp: a step's
         # overlay work dir must share the upper dir's file system, and a build that was
@@ -640,7 +660,12 @@ class Builder:
         if self.timestamp is not None:
             for e in entries:
                 e.mtime = self.timestamp
-        diff_id = self._store_layer(st, entries, ins, keep_upper=self._last_upper)
+        try:
+            diff_id = self._store_layer(st, entries, ins, keep_upper=self._last_upper)
+        finally:
+            if self._exported_root:
+                shutil.rmtree(self._exported_root, ignore_errors=True)
+                self._exported_root = None
         self._history(st, ins, created_by, False, created)
         self._remember(st, key, ins, inputs, diff_id, created)
 
@@ -707,9 +732,109 @@ class Builder:
         except ContextError as e:
             raise self._err(ins, f"RUN --mount: {e.message}", ContextError) from None
 
+    def _from_source(self, ins: df.Run, m: mounts_.MountSpec, view: "_ChainReader") -> Node | None:
+        """What source= names in the from= view (None: its root); refused when missing or
+        reached through a symlink."""
+        sub = m.source.strip("/")
+        if not sub:
+            return None
+        parts = sub.encode().split(b"/")
+        n = None
+        for k in range(1, len(parts) + 1):
+            n = view.get(b"/".join(parts[:k]))
+            if n is None:
+                raise self._err(ins, f"RUN --mount: source={m.source}: no such path in {m.from_}", ContextError)
+            if n.type == "l":
+                raise self._err(ins, f"RUN --mount: source={m.source}: /{b'/'.join(parts[:k]).decode()}"
+                                     f" is a symlink in {m.from_}; name what it points to", BuildError)
+        return n
+
+    def _cache_mount(self, ins: df.Run, m: mounts_.MountSpec) -> tuple[str, int]:
+        """The host directory of a cache mount and the fd of the lock held on it for the step.
+
+        As the reference says: `shared` (the default) lets concurrent steps use one
+        directory; `locked` waits until no other step uses it; `private` takes a free
+        instance of the cache (`ID`, `ID-1`, ...), making a new one when every instance
+        is in use.  Each use holds a flock on its directory (shared: LOCK_SH, when no
+        locked or private use holds it), which is how the others tell it is in use.
+        A new cache starts empty, or with from= (and source=) as a copy of that stage's
+        or image's directory, as BuildKit seeds it; a cache that exists keeps what
+        earlier steps left in it."""
+        base = os.path.join(self.cache_dir, "mounts", hashlib.sha256(m.id.encode()).hexdigest()[:24])
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        n = 0
+        while True:
+            d = base if n == 0 else f"{base}-{n}"
+            if not os.path.isdir(d):
+                self._new_cache(ins, m, d)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if m.sharing == "locked":
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    return d, fd
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if m.sharing == "private" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if m.sharing != "private":
+                        return d, fd  # shared: in use by a locked or private step, and used all the same
+                    os.close(fd)
+                    n += 1
+                    continue
+                return d, fd
+            except BaseException:
+                os.close(fd)
+                raise
+
+    def _new_cache(self, ins: df.Run, m: mounts_.MountSpec, d: str) -> None:
+        # Named for this process: a killed build's half-made cache is removed by the next one.
+        tmp = tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=os.path.dirname(d))
+        try:
+            if m.from_:
+                os.rmdir(tmp)  # the copy makes it
+                view = _ChainReader(self.store, self._from_chain(m.from_, ins))
+                node = self._from_source(ins, m, view)
+                if node is not None and node.type != "d":
+                    raise self._err(ins, f"RUN --mount=type=cache: source={m.source} is not a directory in"
+                                         f" {m.from_}", BuildError)
+                self._copy_out(ins, m, view, node, tmp)
+            os.chown(tmp, m.uid, m.gid)
+            os.chmod(tmp, m.mode if m.mode is not None else 0o755)
+            try:
+                os.rename(tmp, d)
+            except OSError:  # another build made it first: theirs is as good
+                pass
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _copy_out(self, ins: df.Run, m: mounts_.MountSpec, view: "_ChainReader", node: Node | None,
+                  dest: str) -> None:
+        """What a mount's from= and source= name, copied into dest (new): a directory with
+        everything below it, or a file."""
+        from ..containers.container import subview
+        from ..output.export import write_dir
+
+        top = m.source.strip("/").encode()
+        with self.store.read():
+            if node is None or node.type == "d":
+                write_dir(subview(list(view.subtree(top)), top), self.content, dest, allow_devices=True)
+                return
+            if node.type != "f":
+                raise self._err(ins, f"RUN --mount: source={m.source} is a {node.type!r} entry in {m.from_},"
+                                     " not a file or directory", BuildError)
+            with open(dest, "xb") as f:
+                if node.size:
+                    for piece in self.content.iter_blob(node.blob_id):
+                        f.write(piece)
+        os.chown(dest, node.uid or 0, node.gid or 0)
+        os.chmod(dest, node.mode or 0)
+
     def _step_mounts(self, ins: df.Run, specs: list[mounts_.MountSpec], step_dir: str,
-                     cleanup: list[str]) -> tuple[list[runtime.Mount], list[tuple[bytes, str]], list[int]]:
-        """The host side of each mount: (what the child mounts, the mountpoints it needs, fds of held locks)."""
+                     cleanup: list[str], plain: bool = False) -> tuple[list[runtime.Mount], list[tuple[bytes, str]],
+                                                                        list[int]]:
+        """The host side of each mount: (what the child mounts, the mountpoints it needs, fds of held locks).
+        plain: no overlay can be mounted (export, run, apply), so stages and read-write
+        binds are copies."""
         out: list[runtime.Mount] = []
         points: list[tuple[bytes, str]] = []
         locks: list[int] = []
@@ -730,16 +855,8 @@ class Builder:
                 out.append(runtime.Mount("tmpfs", rel, readonly=False, data=f"size={m.size}" if m.size else ""))
                 points.append((rel, "d"))
             elif m.type == "cache":
-                d = os.path.join(self.cache_dir, "mounts", hashlib.sha256(m.id.encode()).hexdigest()[:24])
-                if not os.path.isdir(d):
-                    os.makedirs(d + ".tmp", exist_ok=True)
-                    os.chown(d + ".tmp", m.uid, m.gid)
-                    os.chmod(d + ".tmp", m.mode if m.mode is not None else 0o755)
-                    os.rename(d + ".tmp", d)
-                if m.sharing == "locked":
-                    fd = os.open(d, os.O_RDONLY)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    locks.append(fd)
+                d, fd = self._cache_mount(ins, m)
+                locks.append(fd)
                 out.append(runtime.Mount("bind", rel, source=d, readonly=m.readonly))
                 points.append((rel, "d"))
             elif m.type == "secret":
@@ -766,22 +883,21 @@ class Builder:
                 os.chmod(copy, m.mode if m.mode is not None else 0o400)
                 out.append(runtime.Mount("bind", rel, source=copy, readonly=True))
                 points.append((rel, "f"))
+            elif m.from_ and plain:
+                # No overlay to be had: a copy of the stage's directory or file, which
+                # also throws a read-write mount's writes away.
+                view = _ChainReader(self.store, self._from_chain(m.from_, ins))
+                node = self._from_source(ins, m, view)
+                copy = os.path.join(step_dir, f"from-{i}")
+                self._copy_out(ins, m, view, node, copy)
+                out.append(runtime.Mount("bind", rel, source=copy, readonly=m.readonly))
+                points.append((rel, "d" if node is None or node.type == "d" else "f"))
             elif m.from_:
                 chain = self._from_chain(m.from_, ins)
                 lowers = self._lowers(chain)
                 sub = m.source.strip("/")
                 view = _ChainReader(self.store, chain)
-                node = view.get(sub.encode()) if sub else None
-                if sub:
-                    parts = sub.encode().split(b"/")
-                    for k in range(1, len(parts) + 1):
-                        n = view.get(b"/".join(parts[:k]))
-                        if n is None:
-                            raise self._err(ins, f"RUN --mount: source={m.source}: no such path in {m.from_}",
-                                            ContextError)
-                        if n.type == "l":
-                            raise self._err(ins, f"RUN --mount: source={m.source}: /{b'/'.join(parts[:k]).decode()}"
-                                                 f" is a symlink in {m.from_}; name what it points to", BuildError)
+                node = self._from_source(ins, m, view)
                 upper, work = scratch_upper() if not m.readonly else ("", "")
                 if not sub:
                     out.append(runtime.Mount("overlay", rel, lowers=lowers, upper=upper, work=work,
@@ -798,6 +914,10 @@ class Builder:
                 src = self._bind_source(ins, m)
                 if m.readonly:
                     out.append(runtime.Mount("bind", rel, source=src.full, readonly=True))
+                elif src.is_dir and plain:
+                    copy = os.path.join(step_dir, f"bind-{i}")
+                    shutil.copytree(src.full, copy, symlinks=True)
+                    out.append(runtime.Mount("bind", rel, source=copy, readonly=False))
                 elif src.is_dir:
                     upper, work = scratch_upper()
                     out.append(runtime.Mount("overlay", rel, lowers=[src.full, self._lowers([])[0]], upper=upper,
@@ -812,36 +932,48 @@ class Builder:
     def _run(self, st: StageState, ins: df.Run, argv: list[str], env: list[str], network: str,
              mounts: list[mounts_.MountSpec] | None = None) -> list[LayerEntry]:
         assert self.tmp is not None
-        lowers = self._lowers(st.chain)
-        fuse = self._use_fuse(ins, len(lowers))
+        mode = self._root_mode(ins, len(st.chain))
+        lowers = self._lowers(st.chain) if mode != "export" else []
         step_dir = tempfile.mkdtemp(prefix="run-", dir=self.tmp)
-        # The upper dir lives under the cache: it becomes this layer's lower
-        # directory for the next steps without a copy (same file system: a rename).
-        os.makedirs(os.path.join(self.cache_dir, "layers"), exist_ok=True)
-        upper = tempfile.mkdtemp(prefix=f"upper-{os.getpid()}-", dir=os.path.join(self.cache_dir, "layers"))
+        exported = None
+        if mode == "export":
+            # The root is the parent view written out, in the build's scratch space (a
+            # killed build's is removed by the next one); the step runs in it in place.
+            upper = os.path.join(step_dir, "root")
+            exported = rootdir.export_view(self.store, self.content, [(i + 1, d.diff_rowid)
+                                                                     for i, d in enumerate(st.chain)], upper)
+        else:
+            # The upper dir lives under the cache: it becomes this layer's lower
+            # directory for the next steps without a copy (same file system: a rename).
+            os.makedirs(os.path.join(self.cache_dir, "layers"), exist_ok=True)
+            upper = tempfile.mkdtemp(prefix=f"upper-{os.getpid()}-", dir=os.path.join(self.cache_dir, "layers"))
         cleanup = [upper]
         locks: list[int] = []
         try:
             os.chmod(upper, 0o755)  # the upper's own mode is the root's in the merged view
-            work, merged = os.path.join(step_dir, "w"), os.path.join(step_dir, "m")
+            work, merged = os.path.join(step_dir, "w"), os.path.join(step_dir, "m") if not exported else upper
             os.mkdir(work)
-            os.mkdir(merged)
+            if not exported:
+                os.mkdir(merged)
             view = _ChainReader(self.store, st.chain)
             cwd = st.config.get("WorkingDir") or "/"
             # WORKDIR's directory is made by the step that first needs it, so it lands in this
             # layer; before the mountpoints, so that a mount below it does not take it away.
             if cwd != "/" and view.get(cwd.strip("/").encode()) is None:
                 _make_dirs_in_upper(upper, cwd.strip("/").encode(), view)
-            step_mounts, points, locks = self._step_mounts(ins, mounts or [], step_dir, cleanup)
+            step_mounts, points, locks = self._step_mounts(ins, mounts or [], step_dir, cleanup, mode == "export")
             points = ([(rel, "d") for rel in runtime.MOUNT_DIRS] + [(rel, "f") for rel in runtime.MOUNT_FILES]
                       + points)
             stubs = self._make_stubs(view, upper, points, ins)
+            # In an exported root, making a mountpoint changes its directory's mtime, which
+            # would put the directory in the layer: what it was is put back afterwards.
+            stub_dirs = {} if not exported else _stub_parents(upper, stubs, exported[1])
             etc = self._etc_files(step_dir)
             uid, gid, groups = self._user(view, st.config.get("User") or "", ins)
             spec = runtime.RunSpec(argv=argv, env=env, lowers=lowers, upper=upper, work=work,
                                    merged=merged, etc_files=etc, cwd=cwd, uid=uid, gid=gid, groups=groups,
                                    network=network, hostname=hashlib.sha256(st.key.encode()).hexdigest()[:12],
-                                   mounts=step_mounts, fuse=fuse)
+                                   mounts=step_mounts, fuse=mode == "fuse", plain=mode == "export")
             tail: list[bytes] = [b""]
 
             def output(b: bytes) -> None:
@@ -856,6 +988,17 @@ class Builder:
                 last = b"\n".join(x for x in tail if x).decode("utf-8", "replace")
                 raise StepFailed(f"{self.df.path}:{ins.line}: {ins.original}: exited with status {status}"
                                  + (f"; its last output:\n{last}" if last else ""), ins.original, status, last)
+            if exported:
+                ran = {d: os.lstat(d).st_mtime_ns for d in stub_dirs}
+                self._remove_stubs(upper, stubs)
+                for d, (before, made) in stub_dirs.items():
+                    # Untouched by the step: as exported; else as the step left it.
+                    t = before if ran[d] == made else ran[d]
+                    os.utime(d, ns=(t, t), follow_symlinks=False)
+                entries = rootdir.layer_entries(upper, *exported)
+                cleanup.remove(upper)  # its files are the layer's bytes: removed once it is stored
+                self._exported_root = upper
+                return entries
             self._remove_stubs(upper, stubs)
             cleanup.remove(upper)
             self._last_upper = upper
@@ -870,29 +1013,33 @@ class Builder:
                 shutil.rmtree(d, ignore_errors=True)
 
     _last_upper: str | None = None
+    _exported_root: str | None = None
     _kernel_overlay: str | None = ""  # "": not probed yet; None: it mounts; else why not
-    _said_fuse = False
+    _said_fallback = False
 
-    def _use_fuse(self, ins: df.Run, lowers: int) -> bool:
-        """Kernel overlayfs where it mounts and can stack the lowers, else fuse-overlayfs
-        when it is installed (said once in the output), else one clear error."""
+    def _root_mode(self, ins: df.Run, layers: int) -> str:
+        """The root a RUN gets: "kernel", "fuse" or "export" (see the module docstring);
+        BuildOptions.overlay, else $LAYERDB_BUILD_ROOT, can force one."""
         assert self.tmp is not None
-        if self.opts.overlay == "fuse":
-            return True
+        forced = self.root_mode
+        if forced != "auto":
+            return forced
         if self._kernel_overlay == "":
             self._kernel_overlay = runtime.overlay_works(os.path.join(self.tmp, "probe"))
         why = self._kernel_overlay
+        lowers = max(layers, 2)
         if why is None and lowers > runtime.OVERLAY_MAX_LOWERS:
             why = f"{lowers} lower layers, over its limit of {runtime.OVERLAY_MAX_LOWERS}"
         if why is None:
-            return False
-        if runtime.fuse_overlayfs() is None:
-            raise self._err(ins, f"RUN needs overlayfs: the kernel's cannot be used here ({why}), and"
-                                 " fuse-overlayfs is not installed", StepFailed)
-        if not self._said_fuse:
-            self._said_fuse = True
-            self.say("info", f"RUN: kernel overlayfs cannot be used ({why}); using fuse-overlayfs")
-        return True
+            return "kernel"
+        mode = "fuse" if runtime.fuse_overlayfs() is not None else "export"
+        if not self._said_fallback:
+            self._said_fallback = True
+            self.say("info", f"RUN: kernel overlayfs cannot be used ({why}); using fuse-overlayfs" if mode == "fuse"
+                     else f"RUN: kernel overlayfs cannot be used ({why}) and fuse-overlayfs is not installed;"
+                          " each RUN exports its root, runs there and applies the difference (slower: the whole"
+                          " view per step)")
+        return mode
 
     def _make_stubs(self, view: "_ChainReader", upper: str, points: list[tuple[bytes, str]],
                     ins: df.Instruction) -> list[tuple[bytes, str, tuple | None]]:
@@ -1501,6 +1648,20 @@ def _make_dirs_in_upper(upper: str, rel: bytes, view: _ChainReader) -> None:
         if not os.path.isdir(full):
             os.mkdir(full, 0o755)
             os.chmod(full, 0o755)
+
+
+def _stub_parents(root: str, stubs: list[tuple[bytes, str, tuple | None]], snap: dict) -> dict[bytes, tuple[int, int]]:
+    """The exported directories in which mountpoints were made: host path -> (mtime
+    as exported, mtime once the mountpoints were there), in ns (the root aside: it is
+    never in a layer)."""
+    made = {rel for rel, _, _ in stubs}
+    out: dict[bytes, tuple[int, int]] = {}
+    for rel, _, _ in stubs:
+        up = rel.rpartition(b"/")[0]
+        if up and up not in made and up in snap:
+            full = os.path.join(os.fsencode(root), up)
+            out[full] = (snap[up][2], os.lstat(full).st_mtime_ns)
+    return out
 
 
 def _archive_kind(path: str) -> str | None:

@@ -194,10 +194,12 @@ def upper_entries(upper: str) -> list[LayerEntry]:
             out.append(e)
     # Hard links must follow the name they point at in tree order: the first
     # name in tree order carries the data.
-    return _order_links(out)
+    return order_links(out)
 
 
-def _order_links(entries: list[LayerEntry]) -> list[LayerEntry]:
+def order_links(entries: list[LayerEntry]) -> list[LayerEntry]:
+    """Each hard-linked group with its bytes on the first of its names in tree order
+    (a link entry must follow the name it points at)."""
     by_path = {e.path: e for e in entries}
     groups: dict[bytes, list[LayerEntry]] = {}
     for e in entries:
@@ -209,12 +211,14 @@ def _order_links(entries: list[LayerEntry]) -> list[LayerEntry]:
             continue
         data = by_path[head]
         new_head = names[0]
+        # Taken first: `data` itself becomes a link in the loop.
+        size, source, blob_id, xattrs = data.size, data.source, data.blob_id, data.xattrs
         for e in [data] + links:
             if e.path == new_head:
-                e.type, e.link, e.size, e.source = "f", b"", data.size, data.source
-                e.xattrs = data.xattrs
+                e.type, e.link, e.size, e.source, e.blob_id = "f", b"", size, source, blob_id
+                e.xattrs = xattrs
             else:
-                e.type, e.link, e.size, e.source = "h", new_head, 0, None
+                e.type, e.link, e.size, e.source, e.blob_id = "h", new_head, 0, None, None
     return entries
 
 

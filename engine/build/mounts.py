@@ -103,9 +103,8 @@ def parse(text: str, workdir: str) -> MountSpec:
         m.sharing = (kv.get("sharing") or "shared").lower()
         if m.sharing not in ("shared", "private", "locked"):
             raise DockerfileError(f"RUN --mount: sharing={m.sharing}: use shared, private or locked")
-        if m.from_ or m.source:
-            raise DockerfileError("RUN --mount=type=cache: from= and source= (a cache seeded from a stage) are not"
-                                  " supported")
+        if m.source and not m.from_:
+            raise DockerfileError("RUN --mount=type=cache: source= names a path in from=; give from= too")
         m.mode = 0o755
     for k in ("mode", "uid", "gid"):
         v = kv.get(k)

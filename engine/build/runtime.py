@@ -27,6 +27,9 @@ The child:
 Mountpoints that the parent view lacks are created for the step and removed
 from the upper directory afterwards (Builder.run takes care of it).
 
+With RunSpec.plain, the root is a directory the builder filled (export, run,
+apply: engine/build/rootdir.py) and no overlay is mounted for it.
+
 With RunSpec.fuse, fuse-overlayfs serves the root (and the step's overlay
 mounts) instead: started by the first child in the foreground, before the new
 pid namespace, with a parent-death signal, so that it dies with the step or
@@ -128,6 +131,7 @@ class RunSpec:
     network: str = "host"  # or "none"
     mounts: list[Mount] = field(default_factory=list)
     fuse: bool = False  # overlays through fuse-overlayfs, not the kernel's
+    plain: bool = False  # merged is a directory of its own (export, run, apply): no overlay for the root
 
 
 def mount_overlay(target: bytes, lowers: list[str], upper: str = "", work: str = "", extra: str = "") -> None:
@@ -298,7 +302,9 @@ def _child(spec: RunSpec) -> None:
     mount(None, b"/", None, MS_REC | MS_PRIVATE)
     merged = spec.merged.encode()
     daemons: list[int] = []
-    if spec.fuse:
+    if spec.plain:
+        pass
+    elif spec.fuse:
         # Before the new pid namespace: the daemons are this process's children, not its
         # pid 1's, and unmounting below ends them once the step is over.
         daemons.append(_fuse_overlay(merged, spec.lowers, spec.upper, spec.work))
