@@ -83,26 +83,33 @@ WORDS = ("def class return import from self None True False for in if else elif 
          "logger error status cache timeout retry = == ( ) : , . [ ] { } + - * / # 0 1 2 10 100").split()
 
 
-def _text(rng: random.Random, size: int) -> str:
+def _text(rng: random.Random, size: int, words=WORDS, indents=(0, 4, 8, 12), most=12, eol="") -> str:
     """Code-like text: compresses like source code does (about 4:1 with zstd)."""
     out, n = [], 0
     while n < size:
-        line = " " * rng.choice((0, 4, 8, 12)) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+        line = " " * rng.choice(indents) + " ".join(rng.choice(words) for _ in range(rng.randint(2, most))) + eol
         out.append(line)
         n += len(line) + 1
     return "\n".join(out)[:size] + "\n"
+
+
+def _sources(root: Path, version: int, seed: int, count: int, mu: float, text, path, changed: int, extra: int,
+             head=lambda i: "", tail: str = "") -> None:
+    """`count` source files of lognormal sizes; from version 2 on, every tenth
+    (those at `changed` mod 10) gets `extra` bytes more."""
+    rng = random.Random(seed)
+    for i in range(count):
+        body = head(i) + text(rng, int(rng.lognormvariate(mu, 0.8))) + tail
+        if version > 1 and i % 10 == changed:
+            body += f"# changed in version {version}\n" + text(random.Random(version * seed + i), extra)
+        _write(root, path(i), body)
 
 
 def _app(version: int) -> Callable[[Path], None]:
     """A Python application of ~300 files; version 2 changes a tenth of them."""
 
     def make(root: Path) -> None:
-        rng = random.Random(1000)
-        for i in range(300):
-            body = _text(rng, int(rng.lognormvariate(8.3, 0.8)))
-            if version > 1 and i % 10 == 3:
-                body += f"# changed in version {version}\n" + _text(random.Random(version * 1000 + i), 500)
-            _write(root, f"app/src/pkg{i // 30}/mod{i}.py", body)
+        _sources(root, version, 1000, 300, 8.3, _text, lambda i: f"app/src/pkg{i // 30}/mod{i}.py", 3, 500)
         _write(root, "app/VERSION", f"{version}.0.0\n")
         _write(root, "app/main.py", f"from pkg0 import mod0\nVERSION = {version}\n", 0o755)
         _write(root, "app/static/logo.bin", random.Random(7).randbytes(200_000))
@@ -110,18 +117,19 @@ def _app(version: int) -> Callable[[Path], None]:
     return make
 
 
-def _cfg(version: int) -> Callable[[Path], None]:
+def _cfg(version: int, rel: str = "etc/app/app.conf",
+         body: str = "[server]\nport = 8080\nworkers = {w2}\nlog = /var/log/app\n") -> Callable[[Path], None]:
     def make(root: Path) -> None:
-        _write(root, "etc/app/app.conf", f"[server]\nport = 8080\nworkers = {version * 2}\nlog = /var/log/app\n")
+        _write(root, rel, body.format(w2=version * 2, w3=version * 3))
         (root / "var/log/app").mkdir(parents=True, exist_ok=True)
 
     return make
 
 
-def _site(version: int) -> Callable[[Path], None]:
+def _site(version: int, default_page: str = "index.html") -> Callable[[Path], None]:
     def make(root: Path) -> None:
         rng = random.Random(2000)
-        os.unlink(root / "var/www/html/index.html")
+        os.unlink(root / "var/www/html" / default_page)
         for i in range(120):
             body = "<html><body>\n" + _text(rng, int(rng.lognormvariate(8.0, 0.7))) + "</body></html>\n"
             if version > 1 and i % 5 == 0:
@@ -132,6 +140,37 @@ def _site(version: int) -> Callable[[Path], None]:
             _write(root, f"var/www/html/img/photo{i}.jpg", random.Random(seed).randbytes(60_000))
 
     return make
+
+
+PERL_WORDS = ("my our sub return use package shift bless undef if elsif else unless foreach while last next "
+              "$self $args $value $result $config $request %opts @list = == ( ) { } ; , -> => . eq ne 0 1 2 10").split()
+
+
+def _perl_text(rng: random.Random, size: int) -> str:
+    """Perl-like text, a vocabulary other than _text's (the second family's own content)."""
+    return _text(rng, size, PERL_WORDS, (0, 4, 8), 10, ";")
+
+
+def _plapp(version: int) -> Callable[[Path], None]:
+    """A Perl application of ~250 modules; version 2 changes a tenth of them."""
+
+    def make(root: Path) -> None:
+        _sources(root, version, 3000, 250, 8.2, _perl_text, lambda i: f"opt/app/lib/App/G{i // 25}/M{i}.pm", 7, 400,
+                 head=lambda i: f"package App::M{i};\n", tail="1;\n")
+        _write(root, "opt/app/VERSION", f"{version}.1\n")
+        _write(root, "opt/app/bin/app.pl", f"#!/usr/bin/perl\nuse lib '/opt/app/lib';\nour $VERSION = {version};\n", 0o755)
+        _write(root, "opt/app/share/data.bin", random.Random(9).randbytes(150_000))
+
+    return make
+
+
+def _plcfg(version: int) -> Callable[[Path], None]:
+    return _cfg(version, "etc/app/app.yml", "listen: 0.0.0.0:9000\nworkers: {w3}\nlog: /var/log/app\n")
+
+
+def _fcgi(root: Path) -> None:
+    _write(root, "etc/nginx/sites-available/app", "server {\n  listen 80;\n  location / { fastcgi_pass 127.0.0.1:9000; }\n}\n")
+    _write(root, "opt/app/app.fcgi", "#!/usr/bin/perl\nuse FCGI;\nmy $r = FCGI::Request();\n", 0o755)
 
 
 def _wsgi(root: Path) -> None:
@@ -273,6 +312,32 @@ _stage(Stage("apache_py", "py", "RUN apt-get install -y apache2 libapache2-mod-w
 _stage(Stage("cfg3", "apache_py", "COPY app.conf wsgi.py && RUN a2ensite app && a2dissite 000-default",
              shell="a2ensite -q app && a2dissite -q 000-default", py=_wsgi, py_first=True))
 
+# The second family: the same kind of images (a language runtime and an app, a web
+# server and a site, both together) from other packages: perl and nginx.
+_stage(Stage("perl", "base", "RUN apt-get update && apt-get install -y perl",
+             shell=APT + "apt-get update -q && apt-get install -y -q perl", group="debian2"))
+_stage(Stage("plapp1", "perl", "RUN apt-get install -y libjson-perl libyaml-libyaml-perl && COPY app /opt/app",
+             shell=APT + "apt-get install -y -q --no-install-recommends libjson-perl libyaml-libyaml-perl",
+             py=_plapp(1), group="debian2"))
+_stage(Stage("plcfg1", "plapp1", "RUN useradd -r -u 998 app && COPY app.yml /etc/app/",
+             shell="useradd -r -u 998 -d /opt/app app", py=_plcfg(1), group="debian2"))
+_stage(Stage("plapp2", "perl", "RUN apt-get install -y libjson-perl libyaml-libyaml-perl && COPY app /opt/app  # v2",
+             shell=APT + "apt-get install -y -q --no-install-recommends libjson-perl libyaml-libyaml-perl",
+             py=_plapp(2), group="debian2"))
+_stage(Stage("plcfg2", "plapp2", "RUN useradd -r -u 998 app && COPY app.yml /etc/app/  # v2",
+             shell="useradd -r -u 998 -d /opt/app app", py=_plcfg(2), group="debian2"))
+_stage(Stage("nginx", "base", "RUN apt-get update && apt-get install -y nginx",
+             shell=APT + "apt-get update -q && apt-get install -y -q nginx", group="debian2"))
+_stage(Stage("nsite1", "nginx", "RUN rm /etc/nginx/sites-enabled/default && COPY site /var/www/html",
+             shell="rm /etc/nginx/sites-enabled/default", py=_site(1, "index.nginx-debian.html"), group="debian2"))
+_stage(Stage("nsite2", "nginx", "RUN rm /etc/nginx/sites-enabled/default && COPY site /var/www/html  # v2",
+             shell="rm /etc/nginx/sites-enabled/default", py=_site(2, "index.nginx-debian.html"), group="debian2"))
+_stage(Stage("nginx_perl", "perl", "RUN apt-get install -y nginx libfcgi-perl",
+             shell=APT + "apt-get install -y -q nginx libfcgi-perl", group="debian2"))
+_stage(Stage("plcfg3", "nginx_perl", "COPY app.fcgi nginx.conf && RUN ln -s ../sites-available/app sites-enabled/",
+             shell="ln -s ../sites-available/app /etc/nginx/sites-enabled/app", py=_fcgi, py_first=True,
+             group="debian2"))
+
 _stage(Stage("sbase", None, "COPY rootfs /", py=_small_base, group="small"))
 _stage(Stage("big", "sbase", "COPY big.bin /data/", py=_big, group="bigfile"))
 _stage(Stage("bigedit", "big", "RUN dd if=patch of=/data/big.bin bs=1M seek=75 conv=notrunc",
@@ -314,6 +379,12 @@ _image("py-app-2", "bench/py-app:2", ["base", "py", "app2", "cfg2"], "debian", [
 _image("web-1", "bench/web:1", ["base", "apache", "site1"], "debian", ["apache2ctl", "-DFOREGROUND"])
 _image("web-2", "bench/web:2", ["base", "apache", "site2"], "debian", ["apache2ctl", "-DFOREGROUND"])
 _image("py-web-1", "bench/py-web:1", ["base", "py", "apache_py", "cfg3"], "debian", ["apache2ctl", "-DFOREGROUND"])
+_image("pl-app-1", "bench/pl-app:1", ["base", "perl", "plapp1", "plcfg1"], "debian2", ["perl", "/opt/app/bin/app.pl"])
+_image("pl-app-2", "bench/pl-app:2", ["base", "perl", "plapp2", "plcfg2"], "debian2", ["perl", "/opt/app/bin/app.pl"])
+_image("nginx-1", "bench/nginx:1", ["base", "nginx", "nsite1"], "debian2", ["nginx", "-g", "daemon off;"])
+_image("nginx-2", "bench/nginx:2", ["base", "nginx", "nsite2"], "debian2", ["nginx", "-g", "daemon off;"])
+_image("pl-web-1", "bench/pl-web:1", ["base", "perl", "nginx_perl", "plcfg3"], "debian2",
+       ["nginx", "-g", "daemon off;"])
 _image("chain", "bench/chain:100", [f"chain{n:03d}" for n in range(1, CHAIN_LAYERS + 1)], "chain")
 _image("bigfile-1", "bench/bigfile:1", ["sbase", "big"], "bigfile")
 _image("bigfile-2", "bench/bigfile:2", ["sbase", "big", "bigedit"], "bigfile")
@@ -321,9 +392,12 @@ _image("smallfiles", "bench/smallfiles:1", ["sbase", "small"], "smallfiles")
 _image("manyfiles", "bench/manyfiles:1", ["sbase", "many"], "manyfiles")
 
 FAMILY = ["py-app-1", "py-app-2", "web-1", "web-2", "py-web-1"]
+# A second family of the same shape from other packages (perl, nginx): a store-size
+# figure on one family alone could be tuned to it.
+FAMILY2 = ["pl-app-1", "pl-app-2", "nginx-1", "nginx-2", "pl-web-1"]
 DEB_PYTHON = "py-app-1"  # the "Debian + python3" image: base, apt install python3, app, config
 DEB_APACHE = "web-1"  # the "Debian + apache2" image
-GROUPS = ("debian", "chain", "bigfile", "smallfiles", "manyfiles")
+GROUPS = ("debian", "debian2", "chain", "bigfile", "smallfiles", "manyfiles")
 
 
 # Paths --------------------------------------------------------------------------
@@ -349,8 +423,10 @@ def docker_archive(slug: str) -> Path:
     return cache_dir() / "images" / f"{slug}.docker.tar"
 
 
-def family_archive() -> Path:
-    return cache_dir() / "images" / "family.oci.tar"
+def family_archive(family: list[str] | None = None) -> Path:
+    """The archive of FAMILY (the default) or FAMILY2, each family's shared blobs once."""
+    name = "family2" if family == FAMILY2 else "family"
+    return cache_dir() / "images" / f"{name}.oci.tar"
 
 
 def unpacked(slug: str) -> Path:
@@ -750,8 +826,9 @@ def ensure_images(slugs: list[str]) -> None:
         if not oci_archive(s).exists() or not docker_archive(s).exists():
             _need_root()
             build_image(s)
-    if set(FAMILY) <= set(slugs) and not family_archive().exists():
-        write_oci_archive(family_archive(), [IMAGES[s] for s in FAMILY])
+    for fam in (FAMILY, FAMILY2):
+        if set(fam) <= set(slugs) and not family_archive(fam).exists():
+            write_oci_archive(family_archive(fam), [IMAGES[s] for s in fam])
 
 
 def ensure_group(group: str) -> list[str]:

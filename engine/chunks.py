@@ -15,6 +15,11 @@ from .errors import CorruptStore
 
 RAW, ZSTD = 0, 1
 LEVEL = 3
+# A window as large as a pack (content.PACK_TARGET), where level 3 would use
+# 2 MiB: the second half of a pack then finds matches in the first.  It costs
+# no compression time, and a decoder needs no window buffer for a frame it
+# decodes whole.  Frames smaller than the window get a smaller one.
+WINDOW_LOG = 22
 
 _local = threading.local()
 
@@ -26,7 +31,8 @@ def _cctx():
     if c is None:
         import zstandard  # loaded on first use: commands that read no contents skip it
 
-        c = _local.cctx = zstandard.ZstdCompressor(level=LEVEL)
+        params = zstandard.ZstdCompressionParameters.from_level(LEVEL, window_log=WINDOW_LOG)
+        c = _local.cctx = zstandard.ZstdCompressor(compression_params=params)
     return c
 
 
@@ -39,10 +45,11 @@ def _dctx():
     return d
 
 
-def encode(raw: bytes) -> tuple[int, bytes]:
-    """Compress, or keep raw when compressing does not shrink it."""
+def encode(raw) -> tuple[int, bytes]:
+    """Compress raw (bytes, or a view of them), or keep it raw when compressing
+    does not shrink it."""
     z = _cctx().compress(raw)
-    return (ZSTD, z) if len(z) < len(raw) else (RAW, raw)
+    return (ZSTD, z) if len(z) < len(raw) else (RAW, bytes(raw))
 
 
 def decode(codec: int, data: bytes, size: int) -> bytes:
@@ -121,50 +128,116 @@ class SqliteChunkStore:
         self.conn.execute("DELETE FROM chunk WHERE sha256 = ?", (sha,))
 
 
+class _Job:
+    """One chunk to decode and verify, run by whichever thread claims it first;
+    with spans, its result is those slices of it instead (see Prefetch)."""
+
+    __slots__ = ("args", "spans", "size", "claim", "done", "result", "error")
+
+    def __init__(self, sha: bytes, size: int, codec: int, data: bytes, spans: "list[tuple[int, int]] | None" = None):
+        self.args = (sha, size, codec, data)
+        self.spans = spans
+        self.size = size
+        self.claim = threading.Lock()
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            raw = verified(*self.args)
+            self.result = raw if self.spans is None else [raw[o : o + n] for o, n in self.spans]
+        except BaseException as e:  # handed to the reader, where it reaches this chunk
+            self.error = e
+        self.args = self.spans = None
+        self.done.release()
+
+
+def _work(jobs) -> None:
+    while (job := jobs.get()) is not None:
+        if job.claim.acquire(False):
+            job.run()
+
+
 class Prefetch:
     """Verified chunks in the order given, decoded ahead of the reader.
 
-    The stored bytes are fetched on the calling thread: queries on one SQLite
-    connection from several threads serialise on its mutex and run slower
-    than from one.  Decoding and the sha256 check (zstd and hashlib release
-    the GIL) run on two helper threads, at most AHEAD chunks ahead, so memory
-    stays bounded while both cores work.  Use as a context manager.
+    The stored bytes are fetched on the calling thread: apsw refuses a
+    connection used from two threads at once.  Decoding and the sha256 check
+    (zstd and hashlib release the GIL) run on WORKERS helper threads, up to
+    AHEAD_BYTES of raw chunk ahead, so memory stays bounded whatever the pack
+    size while both cores work.  A reader that reaches a chunk no helper has
+    started decodes it itself instead of waiting.  Plain threads, not
+    concurrent.futures: that package loads logging, ~10 ms of every export's
+    start.  Use as a context manager.
+
+    An item is a chunk id, or (chunk id, [(offset, length), ...]): then next()
+    returns those slices of the chunk, cut on the helper, and the decoded chunk
+    is freed there (export takes a pack's files this way and holds only those
+    still to be written).
     """
 
-    AHEAD = 16  # chunks of at most 1 MiB
+    WORKERS = 2
+    AHEAD_BYTES = 8 << 20
 
-    def __init__(self, chunks: ChunkStore, shas: Iterable[bytes]):
+    def __init__(self, chunks: ChunkStore, items: "Iterable[bytes | tuple[bytes, list[tuple[int, int]]]]"):
         self.fetch = chunks.get_encoded
-        self.shas = iter(shas)
-        self.pending: collections.deque = collections.deque()
-        self.pool = None
+        self.items = iter(items)
+        self.pending: collections.deque[_Job] = collections.deque()
+        self.ahead = 0  # raw bytes of the pending jobs
+        self.jobs = None  # the helpers' queue, made when a second chunk is wanted
+        self.threads: list[threading.Thread] = []
 
     def __enter__(self) -> "Prefetch":
         return self
 
     def _submit(self) -> bool:
-        sha = next(self.shas, None)
-        if sha is None:
+        item = next(self.items, None)
+        if item is None:
             return False
-        import concurrent.futures
-
-        if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="layerdb-read")
+        sha, spans = (item, None) if isinstance(item, bytes) else item
         try:
-            fut = self.pool.submit(verified, sha, *self.fetch(sha))
+            job = _Job(sha, *self.fetch(sha), spans)
         except CorruptStore as e:  # raised where the reader reaches this chunk, not before
-            fut = concurrent.futures.Future()
-            fut.set_exception(e)
-        self.pending.append(fut)
+            job = _Job(sha, 0, RAW, b"")
+            job.claim.acquire()
+            job.error = e
+            job.done.release()
+        self.pending.append(job)
+        self.ahead += job.size
+        if self.jobs is not None:
+            self.jobs.put(job)
+        elif len(self.pending) > 1:  # helpers start with a second chunk: a lone one the reader decodes itself
+            import queue
+
+            self.jobs = queue.SimpleQueue()
+            for _ in range(self.WORKERS):
+                t = threading.Thread(target=_work, args=(self.jobs,), name="layerdb-read", daemon=True)
+                t.start()
+                self.threads.append(t)
+            for j in self.pending:
+                self.jobs.put(j)
         return True
 
-    def next(self) -> bytes:
-        """The next chunk; StopIteration when none is left."""
-        while len(self.pending) < self.AHEAD and self._submit():
+    def next(self):
+        """The next chunk (or its slices); StopIteration when none is left."""
+        if not self.pending:
+            self._submit()
+        while self.ahead < self.AHEAD_BYTES and self._submit():
             pass
         if not self.pending:
             raise StopIteration
-        return self.pending.popleft().result()  # raises what the helper raised
+        job = self.pending.popleft()
+        self.ahead -= job.size
+        if job.claim.acquire(False):
+            job.run()
+        else:
+            job.done.acquire()
+        if job.error is not None:
+            raise job.error
+        data, job.result = job.result, None
+        return data
 
     def __iter__(self):
         while True:
@@ -174,9 +247,14 @@ class Prefetch:
                 return
 
     def __exit__(self, *exc: object) -> None:
-        for f in self.pending:
-            f.cancel()
+        for job in self.pending:
+            job.claim.acquire(False)  # a helper that has not started it skips it
         self.pending.clear()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
+        self.ahead = 0
+        if self.jobs is not None:
+            for _ in self.threads:
+                self.jobs.put(None)
+            for t in self.threads:
+                t.join()
+            self.threads.clear()
+            self.jobs = None

@@ -4,13 +4,15 @@ Writing (one import at a time, inside its write transaction):
 - a content of at most SMALL bytes is deduplicated by its sha256, then appended
   to the current pack; a full pack (PACK_TARGET raw bytes) is compressed as one
   chunk.  Packing lets zstd find the redundancy between neighbouring files of a
-  layer, which per-file compression cannot see.
+  layer, which per-file compression cannot see (bench/README.md has what each
+  pack size and codec setting bought).
 - a larger content is cut by FastCDC into chunks of 64 KiB..1 MiB (256 KiB on
   average); each chunk is stored once, however many contents share it, so an
   in-place edit of a big file costs only the chunks it touches.
-Compression runs on a worker thread (zstd releases the GIL), so it overlaps
-with tar parsing and SQLite on the importing thread.  Blob rows of a pack are
-inserted when its chunk is; events may name those blob ids earlier, which is
+Hashing and compression run on WORKERS threads (zstd and hashlib release the
+GIL), so they overlap with gunzip on the read-ahead thread and with tar parsing
+and SQLite on the importing thread.  Blob rows of a pack are inserted when its
+chunk is; events may name those blob ids earlier, which is
 why importing defers foreign-key checks to commit.
 """
 
@@ -24,16 +26,45 @@ from .chunks import ChunkStore, Prefetch, encode
 from .errors import CorruptStore
 
 SMALL = 256 << 10
-PACK_TARGET = 1 << 20
+# 4 MiB packs with a zstd window as large (chunks.WINDOW_LOG) store the bench
+# family's small files in 43.2 MiB instead of 45.8 with 1 MiB packs, for the
+# same compression time; 8 MiB packs save 0.5 MiB more but make every read of
+# one small file decode twice as much (bench/README.md, "store size").
+PACK_TARGET = 4 << 20
 # A pack also ends at this many contents: each waits in memory as a row of
 # about 250 bytes until its pack is stored, so a layer of a million one-byte
-# files would otherwise hold them all in one pack.  Real images reach
-# PACK_TARGET first (a 1 MiB pack of 4096 files means 256-byte files).
+# files would otherwise hold them all in one pack.  Real images mostly reach
+# PACK_TARGET first (4096 files in 4 MiB means files of 1 KiB on average).
 PACK_MEMBERS = 4096
-CACHE_BYTES = 8 << 20  # decoded packs kept for reads file by file
+CACHE_BYTES = 12 << 20  # decoded packs kept for reads file by file (three of PACK_TARGET)
 CDC_MIN, CDC_AVG, CDC_MAX = 64 << 10, 256 << 10, 1 << 20
-# Compressed chunks waiting for their INSERT: bounds memory to about this many MiB.
-MAX_IN_FLIGHT = 4
+CDC_WINDOW = 4 * CDC_MAX  # bytes gathered before cutting: all but the last CDC_MAX are cut for good
+# One worker: with the read-ahead thread and the importing thread that makes
+# three busy threads for two cores, and the sum of their CPU time, not the
+# balance, bounds an import.  A second worker measured no faster and ~8 MiB
+# more peak RSS (one more malloc arena, one more zstd context).
+WORKERS = 1
+# Raw bytes handed to the workers and not yet stored: bounds memory (a pack or
+# a chunk, its compressed copy, and the window a chunk is a view of).  Each
+# 4 MiB more in flight measured about 4 MiB more peak RSS, and bought nothing
+# once both workers have work.
+MAX_IN_FLIGHT_BYTES = 4 << 20
+
+
+# Magic numbers of formats that are compressed already: zstd cannot shrink them.
+_PACKED_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd", b"BZh", b"\x89PNG", b"\xff\xd8\xff", b"PK\x03\x04",
+                 b"GIF8", b"RIFF", b"OggS")
+
+
+def sniff(data) -> str:
+    """The kind of a content, from its first bytes: elf, packed (compressed
+    already), text, or binary."""
+    head = bytes(data[:512])
+    if head.startswith(b"\x7fELF"):
+        return "elf"
+    if head.startswith(_PACKED_MAGIC):
+        return "packed"
+    return "binary" if b"\0" in head else "text"
 
 
 def _sha256(data: bytes = b""):
@@ -50,6 +81,8 @@ def _cdc():
 
 class _Pack:
     def __init__(self) -> None:
+        # Handed to a worker as a view when full, not copied: a pack is the
+        # largest buffer an import holds, and a copy would hold it twice.
         self.buf = bytearray()
         self.members: list[tuple[int, bytes, int, int]] = []  # (blob id, sha, offset, size)
 
@@ -60,6 +93,7 @@ class ContentStore:
         self.chunks = chunks
         self._pool = None  # a ThreadPoolExecutor, started by the first write
         self._inflight: collections.deque = collections.deque()
+        self._inflight_bytes = 0
         self._pending: dict[bytes, int] = {}  # sha -> blob id, for blobs whose rows are not inserted yet
         self._pending_chunks: set[bytes] = set()
         # Framing (tar headers) compresses best among its own kind, so it gets
@@ -123,18 +157,25 @@ class ContentStore:
         """A streaming writer for a content of unknown size."""
         return BlobWriter(self, kind)
 
-    def _submit(self, raw: bytes, on_done) -> None:
-        """Compress raw on the worker; on_done(sha, encoded) runs on this thread."""
+    def _submit(self, raw, on_done, sha: bytes | None = None) -> None:
+        """Hash (unless sha is given) and compress raw on a worker; on_done(sha,
+        raw size, encoded) runs on this thread, in the order of submission."""
         if self._pool is None:
             import concurrent.futures  # writers only: readers start faster without it
 
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerdb-zstd")
-        self._inflight.append((self._pool.submit(_hash_encode, raw), on_done))
-        while len(self._inflight) > MAX_IN_FLIGHT:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="layerdb-zstd")
+        self._inflight.append((self._pool.submit(_hash_encode, raw, sha), on_done, len(raw)))
+        self._inflight_bytes += len(raw)
+        # Store what is done already, so rows go in while the workers compress,
+        # and wait only when too much is in flight; never for the newest alone,
+        # so this thread goes on while it compresses.
+        inflight = self._inflight
+        while inflight and (inflight[0][0].done() or len(inflight) > 1 and self._inflight_bytes > MAX_IN_FLIGHT_BYTES):
             self._complete_one()
 
     def _complete_one(self) -> None:
-        fut, on_done = self._inflight.popleft()
+        fut, on_done, n = self._inflight.popleft()
+        self._inflight_bytes -= n
         sha, raw_len, encoded = fut.result()
         on_done(sha, raw_len, encoded)
 
@@ -148,15 +189,17 @@ class ContentStore:
                 self.stored_bytes += len(encoded[1])
             self._insert_blob_rows([(bid, bsha, size, sha, off) for bid, bsha, off, size in pack.members])
 
-        self._submit(bytes(pack.buf), done)
+        self._submit(memoryview(pack.buf), done)
 
     def _insert_blob_rows(self, rows: list[tuple]) -> None:
         self.conn.executemany("INSERT INTO blob(id, sha256, size, chunk, offset) VALUES (?, ?, ?, ?, ?)", rows)
         for _, sha, *_ in rows:
             self._pending.pop(sha, None)
 
-    def _put_chunk(self, chunk: bytes) -> bytes:
-        """Store one content-defined chunk unless present; returns its sha256."""
+    def _put_chunk(self, chunk) -> bytes:
+        """Store one content-defined chunk (bytes or a memoryview of them) unless
+        present; returns its sha256.  Hashed here, before compressing, so that a
+        chunk stored already is never compressed again."""
         csha = _sha256(chunk).digest()
         if csha in self._pending_chunks or self.chunks.has(csha):
             return csha
@@ -167,7 +210,7 @@ class ContentStore:
                 self.stored_bytes += len(encoded[1])
             self._pending_chunks.discard(sha)
 
-        self._submit(chunk, done)
+        self._submit(chunk, done, csha)
         return csha
 
     def end_packs(self) -> None:
@@ -186,8 +229,9 @@ class ContentStore:
     def reset(self) -> None:
         """Forget pending work (after a rollback): ids and packs start afresh."""
         while self._inflight:
-            fut, _ = self._inflight.popleft()
+            fut, _, _ = self._inflight.popleft()
             fut.cancel()
+        self._inflight_bytes = 0
         self._pending.clear()
         self._pending_chunks.clear()
         self._packs = {k: _Pack() for k in self._packs}
@@ -268,21 +312,26 @@ class ContentStore:
         return io.BufferedReader(BlobReader(self.iter_blob(blob_id)), buffer_size=1 << 16)
 
 
-def _hash_encode(raw: bytes):
-    return _sha256(raw).digest(), len(raw), encode(raw)
+def _hash_encode(raw, sha: bytes | None):
+    return sha or _sha256(raw).digest(), len(raw), encode(raw)
 
 
 class BlobWriter:
     """Takes a stream; small results go to a pack, large ones through FastCDC.
 
-    Memory holds at most SMALL bytes, or CDC_MAX plus one read while chunking.
+    Memory holds at most SMALL bytes, or a window of CDC_WINDOW bytes plus one
+    read while chunking.  Chunks go to the workers as views of their window, so
+    the bytes are copied once into it, and the last CDC_MAX once more.
     """
 
     def __init__(self, cs: ContentStore, kind: str = "data"):
         self.cs = cs
         self.kind = kind
         self.whole = _sha256()
-        self.buf = bytearray()
+        # Bytes not cut yet.  A new window starts after each cut, because the
+        # chunks cut from the last one are views of it until they are stored.
+        self.window = bytearray()
+        self.base = 0  # offset in the blob of the window's first byte
         self.refs: list[tuple[int, bytes]] = []  # (offset in blob, chunk sha)
         self.size = 0
         self.cdc = False
@@ -290,31 +339,29 @@ class BlobWriter:
     def write(self, b: bytes) -> None:
         self.whole.update(b)
         self.size += len(b)
-        self.buf += b
-        if len(self.buf) > SMALL:
+        self.window += b
+        if len(self.window) > SMALL:
             self.cdc = True
-        if self.cdc and len(self.buf) >= 4 * CDC_MAX:
+        if self.cdc and len(self.window) >= CDC_WINDOW:
             self._cut(final=False)
 
     def _cut(self, final: bool) -> None:
-        view = memoryview(self.buf)
+        view = memoryview(self.window)
         end = 0
-        try:
-            for c in _cdc()(view, CDC_MIN, CDC_AVG, CDC_MAX):
-                # A cut is final only if the whole window after its start was seen.
-                if not final and c.offset + CDC_MAX > len(view):
-                    break
-                csha = self.cs._put_chunk(bytes(view[c.offset : c.offset + c.length]))
-                self.refs.append((self.size - len(view) + c.offset, csha))
-                end = c.offset + c.length
-        finally:
-            view.release()
-        del self.buf[:end]
+        for c in _cdc()(view, CDC_MIN, CDC_AVG, CDC_MAX):
+            # A cut is final only if the whole window after its start was seen.
+            if not final and c.offset + CDC_MAX > len(view):
+                break
+            csha = self.cs._put_chunk(view[c.offset : c.offset + c.length])
+            self.refs.append((self.base + c.offset, csha))
+            end = c.offset + c.length
+        self.base += end
+        self.window = bytearray(view[end:])
 
     def close(self) -> int:
         self.sha = sha = self.whole.digest()
         if not self.cdc:
-            return self.cs._add_small(bytes(self.buf), sha, self.kind)
+            return self.cs._add_small(bytes(self.window), sha, self.kind)
         self._cut(final=True)
         bid = self.cs.blob_id(sha)
         if bid is None:

@@ -14,130 +14,175 @@ from ..content import ContentStore
 from ..errors import CorruptStore, LayerdbError, UsageError
 from ..kinds import PUT
 from ..replay import Node, View, decided_events, tree_key
-from ..tree import Entry, entries_of
+from ..tree import Entry, entries_of, paused_gc
 
 _BATCH = 500
+
 
 def _s(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-# Decoded packs kept while later files of the partition still need them, up to
-# this many bytes; beyond, the least recently used is dropped, and read again
-# (once) if wanted.  A pack holds up to 1 MiB, fewer bytes when it closed at its
-# count of files; tree order visits packs in any order when a layer's tar was
-# not written in sorted order.
-HELD_BYTES = 32 << 20
-FLUSH_AT = 256 << 10
+# Tree order visits packs in any order when a layer's tar was not written in
+# sorted order, so a pack's later files wait in memory for their turn: only
+# those files, cut from the pack when it is decoded, up to this many bytes;
+# beyond, the least recently used pack's are dropped and the pack read again
+# where its next file comes.  Debian+python3 with 4 MiB packs: whole packs kept
+# until their last file would peak at 25.6 MiB, its files alone at 17 MiB, and
+# at 16 MiB two of its 28 packs are read twice.
+HELD_BYTES = 16 << 20
+# Headers and small contents gather in one buffer, written when it holds this
+# much: a write call per entry cost more than its bytes.
+FLUSH_AT = 1 << 20
 DIRECT_AT = 64 << 10  # pieces at least this large are written as they are, not copied into the buffer
+# A pipe holds 64 KiB unless told otherwise: a reader such as `| cat` then
+# wakes for every 64 KiB, and the writer waits on it as often.
+PIPE_BYTES = 1 << 20
 
 TAR_FLAGS = {"f": tw.REGTYPE, "d": tw.DIRTYPE, "l": tw.SYMTYPE, "p": tw.FIFOTYPE, "c": tw.CHRTYPE, "b": tw.BLKTYPE}
 
+
+def _widen_pipe(out: BinaryIO) -> None:
+    """Let a pipe we write into hold PIPE_BYTES (never less than it does)."""
+    try:
+        fd = out.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_BYTES:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (OSError, ValueError, AttributeError):  # not a file, or a limit below PIPE_BYTES: keep what it is
+        pass
 
 
 def write_tar(batches: Iterable[list[Entry]], content: ContentStore, out: BinaryIO,
               progress: Callable[[int, int], None] | None = None, total: int = 0) -> int:
     """Stream entries (batches of them, in tar order) as a tar.  `total` is
     what progress reports as the whole (an estimate is fine)."""
-    buf = bytearray()  # headers and small contents: a write call per entry cost more than its bytes
+    _widen_pipe(out)
+    buf = bytearray()
     n = 0
-    for entries in batches:
-        n = _write_entries(entries, content, out, buf, n, progress, max(total, n + len(entries)))
-    buf += tw.END
-    out.write(buf)
+    with paused_gc():
+        for entries in batches:
+            n = _write_entries(entries, content, out, buf, n, progress, max(total, n + len(entries)))
+        buf += tw.END
+        out.write(buf)
     if progress:
         progress(n, n)
     return n
 
 
+def _plan(entries: list[Entry], content: ContentStore):
+    """What the helper threads decode, in the order the writer needs it: each
+    pack once, where its first file goes out, cut into its files of these
+    entries, in their order; and every large content's chunks.  Returns (work,
+    {blob id: pack}, {pack: [(offset, size) of its files]}, {large blob id: its
+    number of chunks})."""
+    files = [(node.blob_id, node.size) for _, node, first in entries if first is None and node.type == "f" and node.size]
+    located = content.locate(bid for bid, _ in files)
+    work: list = []  # chunk ids, and (pack, spans) items
+    packed: dict[int, bytes] = {}
+    spans: dict[bytes, list[tuple[int, int]]] = {}
+    chunk_count: dict[int, int] = {}
+    for bid, size in files:
+        where = located.get(bid)
+        if where is None:
+            shas = content.chunk_list(bid)
+            chunk_count[bid] = len(shas)
+            work.extend(shas)
+        else:
+            pack, offset = where
+            packed[bid] = pack
+            cuts = spans.get(pack)
+            if cuts is None:
+                cuts = spans[pack] = []
+                work.append((pack, cuts))  # complete before any helper sees it: this loop ends first
+            cuts.append((offset, size))
+    return work, packed, spans, chunk_count
+
+
 def _write_entries(entries: list[Entry], content: ContentStore, out: BinaryIO, buf: bytearray, n: int,
                    progress: Callable[[int, int], None] | None, total: int) -> int:
-    packed = content.locate(node.blob_id for _, node, first in entries
-                            if first is None and node.type == "f" and node.size)
-    # What the helper threads decode, in the order the writer needs it: each
-    # pack once, where its first file goes out, and every large content.
-    work: list[bytes] = []  # chunk ids
-    uses: dict[bytes, int] = {}  # pack -> files still to write from it
-    chunk_count: dict[int, int] = {}  # large content -> its number of chunks
-    for path, node, first in entries:
-        if first is None and node.type == "f" and node.size:
-            where = packed.get(node.blob_id)
-            if where is None:
-                shas = content.chunk_list(node.blob_id)
-                chunk_count[node.blob_id] = len(shas)
-                work.extend(shas)
-            else:
-                if where[0] not in uses:
-                    work.append(where[0])
-                uses[where[0]] = uses.get(where[0], 0) + 1
-    decoded: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
-    held = 0  # bytes in decoded
-    evicted: set[bytes] = set()
-    header = tw.header
+    work, packed, spans, chunk_count = _plan(entries, content)
+    # A pack's files of this batch, those not yet written, once its first goes
+    # out; least recently used first.  What they hold is `held` bytes: past
+    # HELD_BYTES the oldest pack's are dropped, and the pack read again where
+    # its next file comes.
+    decoded: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+    cursor: dict[bytes, int] = {}  # pack -> how many of its files are written
+    held = 0
+    header, padding, write = tw.header, tw.padding, out.write
+    reg, lnk, dirtype = tw.REGTYPE, tw.LNKTYPE, tw.DIRTYPE
     with Prefetch(content.chunks, work) as fetched:
         for path, node, first in entries:
             n += 1
             type_ = node.type
             xattrs = node.xattr_dict() if node.xattrs else None
-            meta = (node.mode or 0, node.uid or 0, node.gid or 0)
-            mtime = node.mtime or 0
+            mode, uid, gid, mtime = node.mode or 0, node.uid or 0, node.gid or 0, node.mtime or 0
             if type_ == "d":
-                buf += header(path + b"/", tw.DIRTYPE, *meta, 0, mtime, xattrs=xattrs)
-                continue
-            if first is not None:
-                buf += header(path, tw.LNKTYPE, *meta, 0, mtime, first, xattrs=xattrs)
-                continue
-            if type_ == "f":
+                buf += header(path + b"/", dirtype, mode, uid, gid, 0, mtime, xattrs=xattrs)
+            elif first is not None:
+                buf += header(path, lnk, mode, uid, gid, 0, mtime, first, xattrs=xattrs)
+            elif type_ == "f":
                 size = node.size or 0
-                buf += header(path, tw.REGTYPE, *meta, size, mtime, xattrs=xattrs)
+                buf += header(path, reg, mode, uid, gid, size, mtime, xattrs=xattrs)
                 if size:
-                    got = 0
-                    where = packed.get(node.blob_id)
-                    if where is None:
-                        pieces = (fetched.next() for _ in range(chunk_count[node.blob_id]))
+                    pack = packed.get(node.blob_id)
+                    if pack is None:
+                        got = 0
+                        for _ in range(chunk_count[node.blob_id]):
+                            piece = fetched.next()
+                            got += len(piece)
+                            if len(piece) >= DIRECT_AT:
+                                write(buf)
+                                buf.clear()
+                                write(piece)
+                            else:
+                                buf += piece
+                        if got != size:
+                            raise CorruptStore(f"/{_s(path)}: the store holds {got} bytes, the view says {size}")
                     else:
-                        pack, offset = where
-                        data = decoded.get(pack)
-                        if data is not None:
+                        k = cursor.get(pack, 0)
+                        files = decoded.get(pack)
+                        if files is not None:
                             decoded.move_to_end(pack)
                         else:
-                            if pack in evicted:  # dropped to bound memory: read it again, here
+                            if k:  # dropped to bound memory: read again, here
                                 data = content.chunks.get(pack)
+                                files = [None] * k + [data[o : o + m] for o, m in spans[pack][k:]]
+                                del data
                             else:
-                                data = fetched.next()
-                            decoded[pack] = data
-                            held += len(data)
-                            while held > HELD_BYTES and decoded:
-                                old, dropped = decoded.popitem(last=False)
-                                evicted.add(old)
-                                held -= len(dropped)
-                        if offset + size > len(data):
+                                files = fetched.next()
+                            decoded[pack] = files
+                            held += sum(m for _, m in spans[pack][k:])
+                            while held > HELD_BYTES and len(decoded) > 1:
+                                old, _ = decoded.popitem(last=False)
+                                held -= sum(m for _, m in spans[old][cursor.get(old, 0):])
+                        piece = files[k]
+                        files[k] = None
+                        cursor[pack] = k + 1
+                        held -= size
+                        if k + 1 == len(files):
+                            del decoded[pack]
+                        if len(piece) != size:
                             raise CorruptStore(f"/{_s(path)}: its content lies outside its pack")
-                        pieces = (memoryview(data)[offset : offset + size],)
-                        uses[pack] -= 1
-                        if not uses[pack]:  # its last file: memory holds packs still in use
-                            if decoded.pop(pack, None) is not None:
-                                held -= len(data)
-                    for piece in pieces:
-                        got += len(piece)
-                        if len(piece) >= DIRECT_AT:
-                            out.write(buf)
+                        if size >= DIRECT_AT:
+                            write(buf)
                             buf.clear()
-                            out.write(piece)
+                            write(piece)
                         else:
                             buf += piece
-                    if got != size:
-                        raise CorruptStore(f"/{_s(path)}: the store holds {got} bytes, the view says {size}")
-                    buf += tw.padding(size)
+                    buf += padding(size)
             elif type_ == "l":
-                buf += header(path, tw.SYMTYPE, *meta, 0, mtime, node.link or b"", xattrs=xattrs)
+                buf += header(path, tw.SYMTYPE, mode, uid, gid, 0, mtime, node.link or b"", xattrs=xattrs)
             elif type_ in ("c", "b"):
-                buf += header(path, TAR_FLAGS[type_], *meta, 0, mtime, b"", node.devmajor or 0, node.devminor or 0,
-                              xattrs=xattrs)
+                buf += header(path, TAR_FLAGS[type_], mode, uid, gid, 0, mtime, b"", node.devmajor or 0,
+                              node.devminor or 0, xattrs=xattrs)
             else:
-                buf += header(path, TAR_FLAGS[type_], *meta, 0, mtime, xattrs=xattrs)
+                buf += header(path, TAR_FLAGS[type_], mode, uid, gid, 0, mtime, xattrs=xattrs)
             if len(buf) >= FLUSH_AT:
-                out.write(buf)
+                write(buf)
                 buf.clear()
             if progress and n % 500 == 0:
                 progress(n, total)
