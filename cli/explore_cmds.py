@@ -9,7 +9,6 @@ pays for it.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import click
 
@@ -89,6 +88,8 @@ def explore(ctx, target, against, theme):
             raise click.BadParameter(f"{theme!r}: not dark, light, ansi, none, nor one of "
                                      f"{', '.join(sorted(BUILTIN_THEMES))}", param_hint="--theme")
     if os.path.isfile(target):
+        import tempfile  # here, not at the top: every other command would load it (and shutil, random) too
+
         with tempfile.TemporaryDirectory(prefix="layerdb-explore-") as tmp:
             db = LayerDB(os.path.join(tmp, "store.sqlite"))
             try:
@@ -753,6 +754,8 @@ def _app_class():
             if e is None:
                 return
             pager = os.environ.get("PAGER") or "less"
+            import tempfile
+
             with tempfile.TemporaryDirectory(prefix="layerdb-explore-") as tmp:
                 name = os.path.join(tmp, e.name or "file")
                 try:
