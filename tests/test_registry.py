@@ -360,12 +360,17 @@ def test_unknown_repository_and_tag(regs, store):
     assert r.exit_code == 5 and "fx/sample:nope" in r.stderr
 
 
+def _store_with_another_image(regs, tmp_path):
+    """A store holding an image that shares no layer with sample, and its dump."""
+    store = tmp_path / "store.sqlite"
+    other = R.seed(regs["plain"], f"oci-archive:{OPAQUE}", "fx/opaque:1")
+    assert _pull(store, *INSECURE, other).exit_code == 0
+    return store, other, store_dump(store)
+
+
 def test_sigkill_mid_pull_leaves_the_store_as_it_was(regs, tmp_path):
     proxy, ref = _via_proxy(regs)
-    store = tmp_path / "store.sqlite"
-    other = R.seed(regs["plain"], f"oci-archive:{OPAQUE}", "fx/opaque:1")  # shares no layer with sample
-    assert _pull(store, *INSECURE, other).exit_code == 0
-    before = store_dump(store)
+    store, other, before = _store_with_another_image(regs, tmp_path)
     big = ORACLE["sample"]["layers"][0]["digest"]
     proxy.add(R.Fault("slow", match=big, delay=0.3, times=5))
     tmpdir = tmp_path / "tmp"
@@ -387,10 +392,7 @@ def test_sigkill_mid_pull_leaves_the_store_as_it_was(regs, tmp_path):
 def test_sigkill_after_some_layers_are_imported_leaves_the_store_as_it_was(regs, tmp_path):
     """One pull is one transaction: five layers imported, the top one stalled, then SIGKILL."""
     proxy, ref = _via_proxy(regs)
-    store = tmp_path / "store.sqlite"
-    other = R.seed(regs["plain"], f"oci-archive:{OPAQUE}", "fx/opaque:1")  # shares no layer with sample
-    assert _pull(store, *INSECURE, other).exit_code == 0
-    before = store_dump(store)
+    store, _, before = _store_with_another_image(regs, tmp_path)
     last = ORACLE["sample"]["layers"][-1]["digest"]
     proxy.add(R.Fault("drop", match=last, at=10, stall=60))  # the top layer hangs after 10 bytes
     p = subprocess.Popen([sys.executable, "-m", "layerdb.cli", "--db", str(store), "pull", *INSECURE, ref],
