@@ -110,7 +110,7 @@ def pull(ctx, source, creds, authfile, tls_verify, cert_dir, platform, all_platf
         if as_json:
             render.json_line({"id": img["id"], "repo_tags": img["repo_tags"], "layers": img["layers"],
                               "manifest": img["manifest"], "platform": img["platform"], "new": img["new"],
-                              "source": res.source,
+                              "source": res.source, "reference": res.reference,
                               "layers_fetched": res.layers_fetched, "layers_skipped": res.layers_skipped,
                               "bytes_fetched": res.bytes_fetched})
         else:
@@ -151,7 +151,7 @@ def push(ctx, image, dest, creds, authfile, tls_verify, cert_dir, fmt, preserve_
 
 
 @cli.command()
-@click.argument("registry")
+@click.argument("registry", required=False)
 @click.option("-u", "--username", metavar="USER", help="User name (default: asked for).")
 @click.option("-p", "--password", metavar="PASSWORD", help="Password (prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
@@ -163,7 +163,10 @@ def push(ctx, image, dest, creds, authfile, tls_verify, cert_dir, fmt, preserve_
 @click.option("--tls-verify", "tls_verify", default="true", metavar="BOOL", show_default=True,
               help="Verify TLS; --tls-verify=false allows plain HTTP and unverified TLS.")
 def login(registry, username, password, password_stdin, authfile, cert_dir, tls_verify):
-    """Check credentials against a registry, then store them in the auth file."""
+    """Check credentials against a registry, then store them in the auth file.
+
+    REGISTRY is HOST[:PORT], or HOST[:PORT]/NAMESPACE for that namespace's
+    credentials only; without it, registries.conf's first unqualified-search registry."""
     from layerdb.engine.api import LayerDB
     from layerdb.engine.errors import UsageError
 
@@ -184,11 +187,11 @@ def login(registry, username, password, password_stdin, authfile, cert_dir, tls_
 
 
 @cli.command()
-@click.argument("registry")
+@click.argument("registry", required=False)
 @click.option("--authfile", type=click.Path(dir_okay=False), metavar="FILE", help="The auth file to change.")
 def logout(registry, authfile):
-    """Remove a registry's credentials from the auth file."""
+    """Remove a registry's (or a HOST/NAMESPACE's) credentials from the auth file."""
     from layerdb.engine.api import LayerDB
 
     LayerDB.logout(registry, authfile=authfile)
-    click.echo(f"Removed login credentials for {registry}")
+    click.echo(f"Removed login credentials for {registry or 'the default registry'}")

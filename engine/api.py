@@ -401,7 +401,7 @@ class LayerDB(Reader):
                           progress=progress)
 
     @staticmethod
-    def login(registry: str, username: str, password: str, *, authfile: str | None = None, tls_verify: bool = True,
+    def login(registry: str | None, username: str, password: str, *, authfile: str | None = None, tls_verify: bool = True,
               cert_dir: str | None = None) -> str:
         """Check the credentials against the registry, then store them; returns where."""
         from .registry import auth
@@ -409,7 +409,7 @@ class LayerDB(Reader):
         return auth.login(registry, username, password, authfile=authfile, tls_verify=tls_verify, cert_dir=cert_dir)
 
     @staticmethod
-    def logout(registry: str, *, authfile: str | None = None) -> list[str]:
+    def logout(registry: str | None, *, authfile: str | None = None) -> list[str]:
         """Remove the registry's credentials; returns the files changed."""
         from .registry import auth
 

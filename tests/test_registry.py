@@ -323,6 +323,35 @@ def test_bad_bodies_leave_the_store_unchanged(regs, store, kind, message):
     assert store_dump(store) == before
 
 
+def test_a_blob_with_the_right_tar_inside_is_still_checked_against_its_digest(regs, store):
+    """The download no longer hashes layers (the importer's LayerStream does): a
+    flipped gzip MTIME byte leaves the tar, and so the diff_id, as it was, and only
+    the blob digest can tell; the blob is named and nothing is stored."""
+    proxy, ref = _via_proxy(regs)
+    assert _pull(store, *INSECURE, R.seed(regs["plain"], f"oci-archive:{SAMPLE2}", "fx/sample2:1")).exit_code == 0
+    before = store_dump(store)
+    layer = ORACLE["sample"]["layers"][2]["digest"]
+    proxy.add(R.Fault("corrupt", match=layer, at=4, times=100))
+    r = _pull(store, *INSECURE, ref)
+    assert r.exit_code == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"blob {layer}: digest mismatch: expected {layer}, got sha256:" in r.stderr
+    assert store_dump(store) == before
+    assert [k for m, p, s, k in proxy.log if layer in p] == ["corrupt"]
+
+
+def test_a_resumed_blob_is_verified_as_a_whole(regs, store):
+    """A body damaged after a resume (206) is caught: the digest covers both parts."""
+    proxy, ref = _via_proxy(regs)
+    big = ORACLE["sample"]["layers"][0]["digest"]
+    proxy.add(R.Fault("drop", match=big, at=300_000), R.Fault("corrupt", match=big, at=5000))
+    r = _pull(store, *INSECURE, ref)
+    assert r.exit_code == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"blob {big}: digest mismatch" in r.stderr
+    assert [(s, k) for m, p, s, k in proxy.log if big in p] == [(200, "drop"), (206, "corrupt")]
+    with _db(store) as db:
+        assert db.images() == [] and db.store.scalar("SELECT count(*) FROM diff") == 0
+
+
 def test_schema1_and_oversized_manifests_are_refused(regs, store):
     ref = R.seed(regs["plain"], f"docker-archive:{SAMPLE_DOCKER}", "fx/v2s2:1")
     proxy = regs["proxy"]

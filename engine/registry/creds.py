@@ -242,29 +242,45 @@ def _write(path: str, data: dict) -> None:
         raise
 
 
-def store(path: str, host: str, creds: Credentials) -> str:
-    """Record creds for host in the auth file (or the helper it names); returns where."""
+def store(path: str, host: str, creds: Credentials, key: str | None = None) -> str:
+    """Record creds for host (or for the namespace key HOST/NS, reference.parse_login)
+    in the auth file, or the helper it names; returns where."""
     data = _read(path) or {}
     helpers = data.get("credHelpers") if isinstance(data.get("credHelpers"), dict) else {}
     helper = helpers.get(host) or data.get("credsStore")
+    namespaced = key is not None and key != host
     if isinstance(helper, str) and helper:
+        if namespaced:
+            # A helper keeps one secret per server URL: it would file this under
+            # the host, for every repository (containers/image refuses it too).
+            raise UsageError(f"login {key}: credential helper docker-credential-{helper} cannot keep a "
+                             f"namespace's credentials; log in to {host}")
         payload = json.dumps({"ServerURL": helper_server(host), "Username": creds.username, "Secret": creds.secret})
         run_helper(helper, "store", payload)
         return f"docker-credential-{helper}"
     auths = data.setdefault("auths", {})
     if not isinstance(auths, dict):
         raise UsageError(f"auth file {path}: 'auths' is not an object")
-    key = DOCKER_HUB_CRED_KEY if host == DOCKER_HUB and path.endswith("config.json") else host
+    if not namespaced:
+        key = DOCKER_HUB_CRED_KEY if host == DOCKER_HUB and path.endswith("config.json") else host
     auths[key] = {"auth": base64.b64encode(f"{creds.username}:{creds.secret}".encode()).decode()}
     _write(path, data)
     return path
 
 
-def remove(path: str, host: str) -> bool:
-    """Drop host's entries from the auth file (and its helper); False when there were none."""
+def remove(path: str, host: str, key: str | None = None) -> bool:
+    """Drop host's entries from the auth file (and its helper), or only the namespace
+    key's entry; False when there were none."""
     data = _read(path)
     if data is None:
         return False
+    if key is not None and key != host:
+        auths = data.get("auths")
+        if not isinstance(auths, dict) or key not in auths:
+            return False
+        del auths[key]
+        _write(path, data)
+        return True
     found = False
     helpers = data.get("credHelpers") if isinstance(data.get("credHelpers"), dict) else {}
     helper = helpers.get(host) or data.get("credsStore")

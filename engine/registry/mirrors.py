@@ -3,15 +3,18 @@ locations, insecure and blocked registries, as podman and skopeo read them.
 
 The file is $CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf
 when it exists, else /etc/containers/registries.conf; then the drop-ins
-FILE.d/*.conf in name order, whose [[registry]] tables replace earlier ones of
-the same prefix.  A reference matches the [[registry]] table with the longest
+FILE.d/*.conf in name order (for the system file, then also the user's
+~/.config/containers/registries.conf.d, as containers-registries.conf.d(5)
+says), whose [[registry]] tables replace earlier ones of the same prefix.
+With $CONTAINERS_REGISTRIES_CONF only that file's own FILE.d is read, so a
+test or a script gets exactly the files it names.  A reference matches the [[registry]] table with the longest
 prefix (the prefix is its location unless given; `*.example.com` matches
 subdomains).  A pull tries each mirror in order, then the location; the first
 that serves the manifest serves the whole image.  A mirror with
 `pull-from-mirror = "digest-only"` (or its registry's `mirror-by-digest-only`)
 is skipped for a pull by tag, since a mirror's tags may lag.  Push goes to the
-location only.  Short-name aliases and unqualified-search-registries are not
-read: a name without a host is Docker Hub's (DESIGN.md).
+location only.  Short names ([aliases], unqualified-search-registries,
+short-name-mode) are shortnames.py's, from the same files.
 """
 
 from __future__ import annotations
@@ -51,32 +54,67 @@ class Source:
     mirror: bool
 
 
+MAX_CONF = 4 << 20  # bytes: registries.conf files are a few KiB; /dev/zero is not one
+
+
+def _user_conf_dir() -> str:
+    cfg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(cfg, "containers")
+
+
 def config_path() -> str | None:
     env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
     if env:
         return env
-    cfg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    user = os.path.join(cfg, "containers", "registries.conf")
+    user = os.path.join(_user_conf_dir(), "registries.conf")
     if os.path.exists(user):
         return user
     return SYSTEM if os.path.exists(SYSTEM) else None
 
 
-def _toml(path: str) -> dict:
+def _dropins(d: str) -> list[str]:
+    # Only *.conf files: other files and directories are ignored, as in containers/image.
+    return [f for f in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))) if os.path.isfile(f)]
+
+
+def conf_files() -> list[str]:
+    """Every registries.conf file to read, in the order later ones override earlier ones."""
+    env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    if env:
+        return [env, *_dropins(env + ".d")]
+    user = os.path.join(_user_conf_dir(), "registries.conf")
+    if os.path.exists(user):
+        return [user, *_dropins(user + ".d")]
+    out = [SYSTEM] if os.path.exists(SYSTEM) else []
+    return out + _dropins(SYSTEM + ".d") + _dropins(user + ".d")
+
+
+def read_toml(path: str, what: str = "registries.conf") -> dict:
+    """A TOML file as a dict ({} when it does not exist); anything wrong is one UsageError naming it."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
-            raise UsageError(f"{path}: reading registries.conf needs Python 3.11 or the tomli package") from None
+            raise UsageError(f"{path}: reading {what} needs Python 3.11 or the tomli package") from None
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read(MAX_CONF + 1)
+        if len(data) > MAX_CONF:
+            raise UsageError(f"{path}: cannot read it (more than {MAX_CONF >> 20} MiB, not a {what} file)")
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: cannot read it (not UTF-8 text)") from None
+    except RecursionError:
+        raise UsageError(f"{path}: cannot read it (nested too deeply)") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"{path}: cannot read it ({e.__class__.__name__}: {e})") from None
+
+
+_toml = read_toml
 
 
 def _bool(v: object, path: str, what: str) -> bool:
@@ -120,12 +158,9 @@ def _entries(path: str, doc: dict) -> list[Entry]:
 
 
 def load() -> list[Entry]:
-    path = config_path()
-    if path is None:
-        return []
     by_prefix: dict[str, Entry] = {}
-    for f in [path, *sorted(glob.glob(os.path.join(path + ".d", "*.conf")))]:
-        for e in _entries(f, _toml(f)):
+    for f in conf_files():
+        for e in _entries(f, read_toml(f)):
             by_prefix[e.prefix] = e
     return list(by_prefix.values())
 
@@ -141,7 +176,17 @@ def _matches(prefix: str, name: str) -> int:
 
 
 def match(ref: Reference, entries: list[Entry] | None = None) -> Entry | None:
-    name = ref.name
+    return _longest(ref.name, entries)
+
+
+def for_host(host: str, entries: list[Entry] | None = None) -> Entry | None:
+    """The [[registry]] table of a bare HOST[:PORT] (what login checks): a prefix
+    with a path is a namespace's, not the host's, as containers/image matches it."""
+    return _longest(host, entries)
+
+
+def _longest(name: str, entries: list[Entry] | None) -> Entry | None:
+    """The entry whose prefix matches name longest, as containers/image picks it."""
     best, n = None, 0
     for e in load() if entries is None else entries:
         k = _matches(e.prefix, name)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..content import ContentStore
-from ..errors import (DigestMismatch, LayerdbError, RegistryError, RegistryNotFound, RegistryProtocolError,
-                      UsageError)
+from ..errors import (DigestMismatch, LayerdbError, RegistryAuthError, RegistryError,
+                      RegistryNotFound, RegistryProtocolError, UsageError)
 from ..ingest.importer import DiffResult, Importer
 from ..log import get_logger
 from ..store import Store
-from . import blobs, manifest as mf, mirrors, reference, records
+from . import blobs, manifest as mf, mirrors, reference, records, shortnames
 from .auth import RegistryOptions
 from .client import Client
 
@@ -83,6 +83,7 @@ class PullResult:
     bytes_fetched: int = 0
     manifest_digest: str = ""
     source: str = ""  # where it was fetched: a mirror's reference, or the one asked for
+    reference: str = ""  # the full reference the name resolved to (shortnames.py): the image's tag
 
 
 def _config(client: Client, repo: str, m: mf.Fetched, what: str) -> tuple[bytes, dict, str, list[dict], list[str]]:
@@ -170,12 +171,11 @@ def pull(store: Store, content: ContentStore, source: str, opts: RegistryOptions
          progress: PullProgress | None = None, jobs: int = JOBS) -> PullResult:
     if platform and all_platforms:
         raise UsageError("--platform and --all-platforms exclude each other")
-    ref = reference.parse(source)
     _bound_heap()
-    client, src, images = _plan_first(ref, opts, platform, all_platforms)
+    ref, client, src, images = _resolve_and_plan(source, opts, platform, all_platforms)
     try:
         result = PullResult(manifest_digest=images[0].index.digest if images[0].index else images[0].manifest.digest,
-                            source=str(src))
+                            source=str(src), reference=str(ref))
         if ref.digest is None and images[0].index is not None:
             result.manifest_digest = images[0].index.digest
         content.reset()
@@ -190,6 +190,33 @@ def pull(store: Store, content: ContentStore, source: str, opts: RegistryOptions
     finally:
         client.close()
     return result
+
+
+def _resolve_and_plan(source: str, opts: RegistryOptions, platform: str | None, all_platforms: bool
+                      ) -> tuple[reference.Reference, Client, reference.Reference, list[ImagePlan]]:
+    """The first candidate of the name (shortnames.py) that serves the image.  As
+    podman does, any failure moves on to the next candidate (Docker Hub answers 401,
+    not 404, for a repository it lacks), and the error names every one tried."""
+    res = shortnames.resolve(source)
+    if len(res.candidates) == 1:
+        ref = res.candidates[0]
+        return (ref, *_plan_first(ref, opts, platform, all_platforms))
+    failed: list[tuple[reference.Reference, LayerdbError]] = []
+    for ref in res.candidates:
+        try:
+            return (ref, *_plan_first(ref, opts, platform, all_platforms))
+        except (RegistryError, RegistryNotFound, DigestMismatch, UsageError) as e:
+            log.info("candidate failed, trying the next", candidate=str(ref), error=e.message)
+            failed.append((ref, e))
+    why = "; ".join(f"{r}: {e.message}" for r, e in failed)
+    msg = (f"{res.short}: no image in any of the unqualified-search-registries of {res.origin} "
+           f"({', '.join(r.registry for r, _ in failed)}): {why}")
+    kinds = {type(e) for _, e in failed}
+    if all(isinstance(e, RegistryNotFound) for _, e in failed):
+        raise RegistryNotFound(msg)
+    if all(isinstance(e, RegistryAuthError) for _, e in failed):
+        raise RegistryAuthError(msg)
+    raise (UsageError if kinds == {UsageError} else RegistryError)(msg)
 
 
 def _plan_first(ref: reference.Reference, opts: RegistryOptions, platform: str | None,

@@ -71,6 +71,26 @@ def is_hub(host: str) -> bool:
     return host in _HUB_ALIASES
 
 
+def valid_host(s: str) -> bool:
+    """HOST[:PORT] (an IPv6 literal in brackets), as a registry is named."""
+    return bool(_HOST.match(s))
+
+
+def _is_host(first: str) -> bool:
+    return "." in first or ":" in first or first == "localhost" or first.startswith("[")
+
+
+def short_name(ref: str) -> str | None:
+    """The name as written, without tag or digest, when ref has no registry part
+    (`alpine:3` -> 'alpine', `library/alpine` -> 'library/alpine'); None when it has one."""
+    s = ref.partition("@")[0]
+    slash, colon = s.rfind("/"), s.rfind(":")
+    if colon > slash:
+        s = s[:colon]
+    host, sep, _ = s.partition("/")
+    return None if sep and _is_host(host) else s
+
+
 def parse(ref: str, default_tag: bool = True) -> Reference:
     """A reference as docker parses it; `default_tag` adds ':latest' when there is neither tag nor digest."""
     s = ref.strip()
@@ -91,7 +111,7 @@ def parse(ref: str, default_tag: bool = True) -> Reference:
         if not _TAG.match(tag):
             raise UsageError(f"invalid image reference {ref!r}: bad tag {tag!r}")
     host, sep, rest = s.partition("/")
-    if sep and ("." in host or ":" in host or host == "localhost" or host.startswith("[")):
+    if sep and _is_host(host):
         if not _HOST.match(host):
             raise UsageError(f"invalid image reference {ref!r}: bad host {host!r}")
         if is_hub(host):
@@ -122,3 +142,26 @@ def parse_registry(name: str) -> str:
     if not s or not _HOST.match(s):
         raise UsageError(f"invalid registry {name!r}: expected HOST[:PORT]")
     return DOCKER_HUB if is_hub(s) else s
+
+
+def parse_login(name: str) -> tuple[str, str]:
+    """What podman's login and logout take: (auth file key, registry host).
+
+    A URL (`https://HOST/v2/`) is its HOST, the rest dropped, as docker does.
+    Otherwise HOST[:PORT] or, as containers-auth.json(5) allows,
+    HOST[:PORT]/NAMESPACE[/REPO] for credentials of that namespace only: kept as
+    written (not `library/`-normalised), refused with a tag or digest, and the
+    first component must be a registry host."""
+    s = name.strip()
+    if s.startswith(("https://", "http://")):
+        return (host := parse_registry(s)), host
+    first, sep, rest = s.partition("/")
+    host = parse_registry(first)
+    if not sep:
+        return host, host
+    if not _is_host(first):
+        raise UsageError(f"invalid registry {name!r}: expected HOST[:PORT][/NAMESPACE], with a registry host first")
+    r = parse(s, default_tag=False)
+    if r.tag or r.digest:
+        raise UsageError(f"invalid registry {name!r}: a login key must not contain a tag or digest")
+    return f"{host}/{rest.rstrip('/')}", host
