@@ -209,9 +209,10 @@ class Prefetch:
         if self.jobs is not None:
             self.jobs.put(job)
         elif len(self.pending) > 1:  # helpers start with a second chunk: a lone one the reader decodes itself
-            import queue
+            # queue.SimpleQueue is this C type; the queue module around it costs ~1 ms of start-up.
+            from _queue import SimpleQueue
 
-            self.jobs = queue.SimpleQueue()
+            self.jobs = SimpleQueue()
             for _ in range(self.WORKERS):
                 t = threading.Thread(target=_work, args=(self.jobs,), name="layerdb-read", daemon=True)
                 t.start()
@@ -222,14 +223,15 @@ class Prefetch:
 
     def next(self):
         """The next chunk (or its slices); StopIteration when none is left."""
-        if not self.pending:
-            self._submit()
-        while self.ahead < self.AHEAD_BYTES and self._submit():
-            pass
-        if not self.pending:
+        if not self.pending and not self._submit():
             raise StopIteration
         job = self.pending.popleft()
         self.ahead -= job.size
+        # Topped up only once this one is out of the count: while the reader
+        # works through it (a pack's files take a while to write), the helpers
+        # have AHEAD_BYTES of work, not AHEAD_BYTES less this job.
+        while self.ahead < self.AHEAD_BYTES and self._submit():
+            pass
         if job.claim.acquire(False):
             job.run()
         else:

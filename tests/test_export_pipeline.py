@@ -236,3 +236,52 @@ def test_export_pauses_the_collector_and_restores_it(tmp_path):
     finally:
         gc.enable()
         db.close()
+
+
+def test_export_of_a_damaged_pack_into_a_pipe_stops_with_one_line(tmp_path, monkeypatch):
+    """Packs are decoded and verified ahead on helper threads while the tar goes
+    out: a damaged pack met halfway stops `export -o -` with one error line and
+    a non-zero exit, and everything written before it is the undamaged export's
+    beginning (nothing wrong went out)."""
+    import apsw
+    import zstandard
+
+    from layerdb.engine import content
+
+    monkeypatch.setattr(content, "PACK_TARGET", 4096)  # many packs, so one can fail halfway
+    db = _sample_db(tmp_path)
+    good = io.BytesIO()
+    db.export_tar("s:1", good)
+    db.close()
+    conn = apsw.Connection(str(tmp_path / "store.sqlite"))
+    packs = [r[0] for r in conn.execute("SELECT DISTINCT b.chunk FROM event e JOIN blob b ON b.id = e.blob_id"
+                                        " WHERE b.chunk IS NOT NULL ORDER BY b.id")]  # files' packs, not framing
+    assert len(packs) > 4
+    sha = packs[len(packs) // 2]
+    size, codec, data = conn.execute("SELECT size, codec, data FROM chunk WHERE sha256 = ?", (sha,)).fetchone()
+    raw = bytearray(data if codec == 0 else zstandard.ZstdDecompressor().decompress(data, max_output_size=size))
+    raw[len(raw) // 2] ^= 0xFF
+    conn.execute("UPDATE chunk SET codec = 0, data = ? WHERE sha256 = ?", (bytes(raw), sha))
+    conn.close()
+    cmd = [sys.executable, "-c", "from layerdb.cli.main import main; main()", "--db", str(tmp_path / "store.sqlite"),
+           "export", "--at", "s:1", "-o", "-"]
+    p = subprocess.run(cmd, capture_output=True)
+    assert p.returncode == 6
+    err = p.stderr.decode()
+    assert err.count("\n") == 1 and "sha256 mismatch" in err and "Traceback" not in err
+    assert len(p.stdout) < len(good.getvalue()) and good.getvalue().startswith(p.stdout)
+
+
+def test_export_into_a_pipe_closed_early_exits_quietly(tmp_path):
+    """`export -o - | head -c 100`: the reader leaves, the helper threads stop,
+    and export exits 0 with nothing on stderr."""
+    db = _sample_db(tmp_path)
+    db.close()
+    cmd = [sys.executable, "-c", "from layerdb.cli.main import main; main()", "--db", str(tmp_path / "store.sqlite"),
+           "export", "--at", "s:1", "-o", "-"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(100)) == 100
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0
+    assert err == b""
