@@ -8,6 +8,7 @@ import click
 
 from . import render
 from .base import cli, json_option, open_db
+from .registry_cmds import TLS_VERIFY_HELP, tls_verify_option
 
 
 def _build_arg(ctx, param, values):
@@ -64,8 +65,7 @@ def _secret(ctx, param, values):
               help="Credentials file (auth.json / config.json), as for pull.")
 @click.option("--cert-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="*.crt files are trusted CAs; *.cert + *.key a client certificate.")
-@click.option("--tls-verify", "tls_verify", default="true", metavar="BOOL", show_default=True,
-              help="Verify TLS when pulling; --tls-verify=false allows plain HTTP and unverified TLS.")
+@tls_verify_option("For pulling FROM images, as for pull: " + TLS_VERIFY_HELP)
 @json_option
 @click.pass_context
 def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile, timestamp, network, secrets,
@@ -91,7 +91,7 @@ def build(ctx, context, dockerfile, tags, build_args, target, no_cache, iidfile,
 
     res = db.build(context, dockerfile, list(tags), build_args, target, no_cache, timestamp, network,
                    progress=progress, pull=pull, creds=creds, authfile=authfile, cert_dir=cert_dir,
-                   tls_verify=tls_verify.lower() not in ("false", "0", "no"), secrets=secrets, platform=platform)
+                   tls_verify=tls_verify, secrets=secrets, platform=platform)
     if iidfile:
         with open(iidfile, "w") as f:
             f.write(res.id)

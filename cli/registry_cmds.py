@@ -20,9 +20,23 @@ def _bool(value: str) -> bool:
     raise click.BadParameter(f"{value!r}: expected true or false")
 
 
+def _tri_state(ctx, param, value: str | None) -> bool | None:
+    # None: not given, so registries.conf decides (podman's and skopeo's tri-state).
+    return None if value is None else _bool(value)
+
+
+TLS_VERIFY_HELP = ("true: verify TLS, even for a registry registries.conf marks insecure; false: allow plain "
+                   "HTTP and unverified TLS. Default: verify, except for registries.conf's insecure registries "
+                   "and mirrors.")
+
+
+def tls_verify_option(help: str = TLS_VERIFY_HELP) -> Callable:
+    """--tls-verify=BOOL, None when not given (the engine's RegistryOptions.tls_verify)."""
+    return click.option("--tls-verify", "tls_verify", metavar="BOOL", callback=_tri_state, help=help)
+
+
 def registry_options(f: Callable) -> Callable:
-    f = click.option("--tls-verify", "tls_verify", default="true", metavar="BOOL", show_default=True,
-                     help="Verify TLS; --tls-verify=false allows plain HTTP and unverified TLS.")(f)
+    f = tls_verify_option()(f)
     f = click.option("--cert-dir", type=click.Path(file_okay=False), metavar="DIR",
                      help="*.crt files are trusted CAs; *.cert + *.key a client certificate.")(f)
     f = click.option("--authfile", type=click.Path(dir_okay=False), metavar="FILE",
@@ -33,7 +47,7 @@ def registry_options(f: Callable) -> Callable:
 
 
 def _opts(creds, authfile, tls_verify, cert_dir) -> dict[str, Any]:
-    return {"creds": creds, "authfile": authfile, "tls_verify": _bool(tls_verify), "cert_dir": cert_dir}
+    return {"creds": creds, "authfile": authfile, "tls_verify": tls_verify, "cert_dir": cert_dir}
 
 
 class _Progress:
@@ -160,8 +174,7 @@ def push(ctx, image, dest, creds, authfile, tls_verify, cert_dir, fmt, preserve_
                    "else ~/.docker/config.json.")
 @click.option("--cert-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="*.crt files are trusted CAs; *.cert + *.key a client certificate.")
-@click.option("--tls-verify", "tls_verify", default="true", metavar="BOOL", show_default=True,
-              help="Verify TLS; --tls-verify=false allows plain HTTP and unverified TLS.")
+@tls_verify_option()
 def login(registry, username, password, password_stdin, authfile, cert_dir, tls_verify):
     """Check credentials against a registry, then store them in the auth file.
 
@@ -180,7 +193,7 @@ def login(registry, username, password, password_stdin, authfile, cert_dir, tls_
         password = click.prompt("Password", hide_input=True, err=True)
     if not password:
         raise UsageError("login: an empty password")
-    where = LayerDB.login(registry, username, password, authfile=authfile, tls_verify=_bool(tls_verify),
+    where = LayerDB.login(registry, username, password, authfile=authfile, tls_verify=tls_verify,
                           cert_dir=cert_dir)
     click.echo("Login Succeeded!")
     click.echo(f"credentials stored in {where}", err=True)

@@ -377,12 +377,13 @@ class LayerDB(Reader):
 
     # registries -------------------------------------------------------------
 
-    def pull(self, source: str, *, creds: str | None = None, authfile: str | None = None, tls_verify: bool = True,
-             cert_dir: str | None = None, platform: str | None = None, all_platforms: bool = False,
-             tags: list[str] | None = None, progress: Callable[[str, dict], None] | None = None):
+    def pull(self, source: str, *, creds: str | None = None, authfile: str | None = None,
+             tls_verify: bool | None = None, cert_dir: str | None = None, platform: str | None = None,
+             all_platforms: bool = False, tags: list[str] | None = None, progress: Callable[[str, dict], None] | None = None):
         """Fetch an image over the distribution API into the store (a transaction a layer,
         then one for the images: see registry/pull.py); layers whose diff_id is stored are
-        not downloaded.  Returns a registry.pull.PullResult."""
+        not downloaded.  tls_verify: None follows registries.conf's `insecure`, True or
+        False overrides it (registry.auth.RegistryOptions).  Returns a registry.pull.PullResult."""
         from .registry import auth as _auth, pull as _pull
 
         opts = _auth.options(creds, authfile, tls_verify, cert_dir)
@@ -390,7 +391,7 @@ class LayerDB(Reader):
                           tags=tags, progress=progress)
 
     def push(self, image: str, dest: str | None = None, *, creds: str | None = None, authfile: str | None = None,
-             tls_verify: bool = True, cert_dir: str | None = None, fmt: str | None = None,
+             tls_verify: bool | None = None, cert_dir: str | None = None, fmt: str | None = None,
              preserve_digests: bool = False, progress: Callable[[str, dict], None] | None = None):
         """Upload an image; the original manifest when its blobs are there or mountable.
         Returns a registry.push.PushResult."""
@@ -401,8 +402,8 @@ class LayerDB(Reader):
                           progress=progress)
 
     @staticmethod
-    def login(registry: str | None, username: str, password: str, *, authfile: str | None = None, tls_verify: bool = True,
-              cert_dir: str | None = None) -> str:
+    def login(registry: str | None, username: str, password: str, *, authfile: str | None = None,
+              tls_verify: bool | None = None, cert_dir: str | None = None) -> str:
         """Check the credentials against the registry, then store them; returns where."""
         from .registry import auth
 
@@ -423,7 +424,7 @@ class LayerDB(Reader):
               build_args: dict[str, str] | None = None, target: str | None = None, no_cache: bool = False,
               timestamp: int | None = None, network: str = "host", cache_dir: str | None = None,
               progress: Callable[[str, str], None] | None = None, pull: bool = False, creds: str | None = None,
-              authfile: str | None = None, tls_verify: bool = True, cert_dir: str | None = None,
+              authfile: str | None = None, tls_verify: bool | None = None, cert_dir: str | None = None,
               secrets: dict[str, str] | None = None, platform: str | None = None):
         """Build an image from a Dockerfile; returns a build.builder.BuildResult.
         progress(kind, text) gets the step lines, cache decisions and RUN output.

@@ -134,13 +134,39 @@ class ContentStore:
         bid = w.close()
         return bid, w.sha
 
+    def add_small_batch(self, items: list[tuple[bytes, bytes]]) -> list[int]:
+        """Store small contents given as (sha256, bytes); their blob ids, in order.
+        What the store holds already is found with one query per 500 contents:
+        a query per file was a sixth of an import of 20k small files."""
+        # Ids are settled before anything is stored: storing may complete a pack,
+        # which takes its contents out of _pending.
+        known: dict[bytes, int | None] = {}
+        for sha, _ in items:
+            if sha not in known:
+                known[sha] = self._pending.get(sha)
+        ask = [sha for sha, bid in known.items() if bid is None]
+        for i in range(0, len(ask), 500):
+            part = ask[i : i + 500]
+            marks = ",".join("?" * len(part))
+            known.update((sha, bid) for bid, sha in
+                         self.conn.execute(f"SELECT id, sha256 FROM blob WHERE sha256 IN ({marks})", part))
+        out = []
+        for sha, data in items:
+            bid = known[sha]
+            if bid is None:
+                bid = known[sha] = self._store_small(data, sha, "data")
+            out.append(bid)
+        return out
+
     def add_small(self, data: bytes, kind: str = "data") -> int:
         return self._add_small(data, _sha256(data).digest(), kind)
 
     def _add_small(self, data: bytes, sha: bytes, kind: str) -> int:
         bid = self.blob_id(sha)
-        if bid is not None:
-            return bid
+        return bid if bid is not None else self._store_small(data, sha, kind)
+
+    def _store_small(self, data: bytes, sha: bytes, kind: str) -> int:
+        """A new small content: its blob id, its bytes appended to the open pack."""
         bid = self._alloc()
         self._pending[sha] = bid
         if not data:

@@ -20,6 +20,7 @@ from .paths import parent as parent_of
 from .tarstream import TarEntry
 
 WH = b".wh."
+WHWH = WH + WH
 OPQ = b".wh..wh..opq"
 MAX_DEPTH = 4096  # path components; deeper paths are refused, not truncated
 # Bytes of a payload's sha256 kept per tar entry (diff.digests): enough to name the
@@ -35,6 +36,13 @@ def normalize(name: bytes) -> bytes:
     """
     if b"\0" in name:
         raise LayerFormatError(f"tar entry name contains a NUL byte: {name!r}")
+    # Most names need no more than their slashes trimmed: no component can be
+    # '', '.' or '..' without a '//', a '/.' or a leading '.'.
+    s = name.strip(b"/")
+    if s.startswith(b"./"):  # `tar -C dir .` names everything so
+        s = s[2:].lstrip(b"/")
+    if b"//" not in s and b"/." not in s and not s.startswith(b".") and s.count(b"/") < MAX_DEPTH:
+        return s
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if b".." in parts:
         raise LayerFormatError(f"tar entry escapes the root: {name.decode('utf-8', 'replace')!r}")
@@ -75,12 +83,12 @@ def event_of(e: TarEntry) -> TarEvent:
     path = normalize(e.name)
     base = path.rsplit(b"/", 1)[-1]
     size = e.size if e.type == "f" else None
-    aufs = WH + WH in path and any(p.startswith(WH + WH) for p in path.split(b"/")[:-1])
+    aufs = WHWH in path and any(p.startswith(WHWH) for p in path.split(b"/")[:-1])
     if base.startswith(WH) or aufs:
         parent = parent_of(path)
         if base == OPQ and not aufs:
             kind, target = OPAQUE, parent
-        elif base.startswith(WH + WH) or aufs:
+        elif base.startswith(WHWH) or aufs:
             # AUFS bookkeeping (.wh..wh.plnk and what lies below it), as
             # Docker skips it: not a delete, not a file.
             kind, target = IGNORED, path

@@ -352,6 +352,142 @@ def test_a_resumed_blob_is_verified_as_a_whole(regs, store):
         assert db.images() == [] and db.store.scalar("SELECT count(*) FROM diff") == 0
 
 
+def _put_blob(host, repo, data):
+    """A blob into the registry by hand (POST, then PUT with the digest): no tool recompresses it."""
+    import hashlib
+    import http.client
+    from urllib.parse import urlsplit
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    c = http.client.HTTPConnection(host)
+    c.request("POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 202, r.status
+    loc = urlsplit(r.getheader("Location"))
+    c.request("PUT", f"{loc.path}?{loc.query}{'&' if loc.query else ''}digest={digest}", body=data,
+              headers={"Content-Type": "application/octet-stream"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 201, r.status
+    return digest
+
+
+def _twin_blobs():
+    """One tar gzipped twice (level 9, then level 1): (diff_id, [blob 1, blob 2])."""
+    import gzip
+    import hashlib
+    import io
+    import random
+    import tarfile
+
+    buf = io.BytesIO()
+    rnd = random.Random(13)
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(4):
+            data = bytes(rnd.getrandbits(8) for _ in range(20_000)) + b"layerdb " * 5000
+            info = tarfile.TarInfo(f"twin/file{i}")
+            info.size, info.mtime = len(data), 1_700_000_000
+            t.addfile(info, io.BytesIO(data))
+    tar = buf.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    blobs = [gzip.compress(tar, compresslevel=9, mtime=0), gzip.compress(tar, compresslevel=1, mtime=0)]
+    assert blobs[0] != blobs[1]
+    return diff_id, blobs
+
+
+def _twin_layer_image(host, repo, tag):
+    """An image whose two layers are _twin_blobs(): (blob 1, blob 2, diff_id), as digests."""
+    diff_id, blobs = _twin_blobs()
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]},
+                      "history": [{"created_by": "twin 1"}, {"created_by": "twin 2"}]}).encode()
+    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _put_blob(host, repo, b),
+               "size": len(b)} for b in blobs]
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": _put_blob(host, repo, cfg), "size": len(cfg)},
+                "layers": layers}
+    import http.client
+
+    c = http.client.HTTPConnection(host)
+    c.request("PUT", f"/v2/{repo}/manifests/{tag}", body=json.dumps(manifest).encode(),
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 201, r.status
+    return layers[0]["digest"], layers[1]["digest"], diff_id
+
+
+def test_two_blobs_of_one_diff_id_and_a_damaged_one(regs, store):
+    """Each downloaded blob is hashed once, by the importer, and never accepted
+    unverified: the first blob of a diff_id, served with a flipped gzip MTIME byte
+    (the same tar inside, so only its digest can tell), fails the pull and the store
+    is unchanged.  The second blob of that diff_id is not downloaded at all (a
+    layer whose diff_id the pull has is not fetched), so damage to it is never seen."""
+    plain, proxy = regs["plain"], regs["proxy"]
+    b1, b2, diff_id = _twin_layer_image(plain.host, "fx/twin", "1")
+    assert _pull(store, *INSECURE, R.seed(plain, f"oci-archive:{SAMPLE2}", "fx/sample2:1")).exit_code == 0
+    before = store_dump(store)
+    proxy.clear()
+    proxy.add(R.Fault("corrupt", match=b1, at=4, times=100))
+    r = _pull(store, *INSECURE, f"{proxy.host}/fx/twin:1")
+    assert r.exit_code == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"blob {b1}: digest mismatch: expected {b1}, got sha256:" in r.stderr
+    assert store_dump(store) == before
+    assert [k for m, p, s, k in proxy.log if "/blobs/" in p and b1 in p] == ["corrupt"]
+    proxy.clear()
+    proxy.add(R.Fault("corrupt", match=b2, at=4, times=100))
+    r = _pull(store, *INSECURE, "--json", f"{proxy.host}/fx/twin:1")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers_fetched"] == 1 and not [p for m, p, s, k in proxy.log if b2 in p]
+    with _db(store) as db:
+        assert db.store.scalar("SELECT count(*) FROM diff WHERE diff_id = ?", (diff_id,)) == 1
+
+
+def test_a_blob_whose_diff_is_stored_is_still_read_and_hashed(store):
+    """Importer.ingest_tar with blob_digest (what pull passes): a diff the store has
+    is not imported again, but the blob is still read to its end and its digest
+    checked, so no blob handed to it is ever accepted unverified."""
+    import hashlib
+    import io
+
+    from layerdb.engine.errors import DigestMismatch
+    from layerdb.engine.ingest.importer import Importer
+
+    diff_id, blobs = _twin_blobs()
+    b1, b2 = ("sha256:" + hashlib.sha256(b).hexdigest() for b in blobs)
+    with _db(store) as db:
+        imp = Importer(db.store, db.content)
+
+        def ingest(f, what, **kw):  # one write transaction, as pull's
+            db.content.reset()
+            try:
+                with db.store.write():
+                    db.store.execute("PRAGMA defer_foreign_keys = ON")
+                    d = imp.ingest_tar(f, diff_id, what, **kw)
+                    db.content.flush()
+                    return d
+            except BaseException:
+                db.content.reset()
+                raise
+
+        assert ingest(io.BytesIO(blobs[0]), "layer 1", blob_digest=b1).new
+        before = store_dump(store)
+        damaged = bytearray(blobs[1])
+        damaged[4] ^= 0xFF  # the gzip MTIME: the tar, and so the diff_id, as it was
+        for data, digest in ((bytes(damaged), b2), (blobs[1], b1)):
+            with pytest.raises(DigestMismatch, match=f"layer 2: blob: digest mismatch: expected {digest}"):
+                ingest(io.BytesIO(data), "layer 2", blob_digest=digest)
+        assert store_dump(store) == before
+        f = io.BytesIO(blobs[1])
+        assert not ingest(f, "layer 2", blob_digest=b2).new and f.tell() == len(blobs[1])
+        # Without blob_digest (a local tar: commit, build) a stored diff is reused unread, as before.
+        f = io.BytesIO(b"not read")
+        assert not ingest(f, "layer").new and f.tell() == 0
+        assert store_dump(store) == before
+
+
 def test_schema1_and_oversized_manifests_are_refused(regs, store):
     ref = R.seed(regs["plain"], f"docker-archive:{SAMPLE_DOCKER}", "fx/v2s2:1")
     proxy = regs["proxy"]

@@ -175,3 +175,55 @@ def test_which_entry_a_reference_matches(conf):
     assert where("alpine") == [("hub-cache.example.org:5000/library/alpine:latest", False, True),
                                ("docker.io/library/alpine:latest", False, False)]
     assert where("alpine", pull=False) == [("docker.io/library/alpine:latest", False, False)]
+
+
+def test_tls_verify_is_a_tri_state_over_registries_conf(regs, conf, tmp_path):
+    """As podman and skopeo: no --tls-verify follows registries.conf's `insecure`;
+    --tls-verify=true verifies even a registry marked insecure there (plain HTTP and a
+    self-signed certificate are then refused); --tls-verify=false verifies none."""
+    plain, tls = regs["plain"], regs["tls"]
+    ref = R.seed(plain, f"oci-archive:{SAMPLE2}", "fx/sample2:1")
+    conf(f'[[registry]]\nlocation = "{plain.host}"\ninsecure = true\n\n'
+         f'[[registry]]\nlocation = "{tls.host}"\ninsecure = true\n')
+    store = tmp_path / "s.sqlite"
+    run_cli("images", db_path=store)
+    before = store_dump(store)
+    p = plain.mark()
+    for args in (("pull", "--tls-verify=true", ref), ("pull", "--tls-verify", "yes", ref)):
+        r = run_cli(*args, db_path=store)
+        assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and "--tls-verify=false" in r.stderr, r.output
+    assert plain.since(p) == [] and store_dump(store) == before
+    (out,) = _pull(store, ref)  # unset: the file's insecure = true allows plain HTTP
+    assert out["id"] == ORACLE["sample2"]["config_digest"]
+    p = plain.mark()
+    r = run_cli("push", "--tls-verify=1", ref, f"{plain.host}/fx/tri:1", db_path=store)
+    assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and "--tls-verify=false" in r.stderr, r.output
+    assert plain.since(p) == []
+    r = run_cli("push", "-q", ref, f"{plain.host}/fx/tri:1", db_path=store)
+    assert r.exit_code == 0, r.output
+    # login: the TLS registry's self-signed certificate, without --cert-dir.
+    auth = tmp_path / "auth.json"
+
+    def login(*args):
+        return run_cli("login", "--authfile", str(auth), "-u", R.USER, "--password-stdin", *args, tls.host,
+                       input=f"{R.PASSWORD}\n".encode())
+
+    r = login("--tls-verify=true")
+    assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and not auth.exists(), r.output
+    assert login().exit_code == 0 and list(json.loads(auth.read_text())["auths"]) == [tls.host]
+    # Without the file's entries: unset verifies, false does not.
+    conf("")
+    r = run_cli("pull", "-q", f"{plain.host}/fx/tri:1", db_path=tmp_path / "t.sqlite")
+    assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1, r.output
+    (out,) = _pull(tmp_path / "t.sqlite", "--tls-verify=false", f"{plain.host}/fx/tri:1")
+    assert out["id"] == ORACLE["sample2"]["config_digest"]
+    assert login("--tls-verify=FALSE").exit_code == 0
+    # A value that is not a boolean is a usage error, for every command that takes it.
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {plain.host}/fx/tri:1\n")
+    for args in (("pull", "--tls-verify=maybe", ref), ("push", "--tls-verify=", ref),
+                 ("login", "--tls-verify=2", "-u", "x", "-p", "y", tls.host),
+                 ("build", "--tls-verify=on", str(tmp_path / "ctx"))):
+        r = run_cli(*args, db_path=store)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+        assert "Invalid value for '--tls-verify'" in r.stderr and "expected true or false" in r.stderr

@@ -194,6 +194,12 @@ def test_resolution_without_a_registry(conf, tmp_path, monkeypatch):
     ('[aliases]\n"x" = "quay.io/x"\n"x" = "quay.io/y"\n', "drop-in", "cannot read it"),
     (b'\xff\xfe[aliases]\n', "drop-in", "not UTF-8"),
     ("a = " + "[" * 5000 + "]" * 5000 + "\n", "main", "cannot read it"),
+    ('[registries.search]\nregistries = "quay.io"\n', "main", "must hold registries = ["),
+    ('[registries.search]\nregistries = ["quay.io/ns"]\n', "main", "is not a host[:port]"),
+    ('[registries.insecure]\nregistries = ["https://quay.io"]\n', "main", "without a URI scheme"),
+    ('registries = ["quay.io"]\n', "main", "version 1 format"),
+    ('[aliases]\n"y" = "quay.io/y"\n[registries.block]\nregistries = []\n', "main", "mixing sysregistry v1/v2"),
+    ('[registries.insecure]\nregistries = ["quay.io"]\n', "drop-in", "must be in the version 2 format"),
 ])
 def test_a_broken_file_is_one_line_naming_it(conf, tmp_path, text, where, says):
     conf('[aliases]\n"ok" = "quay.io/ok"\n')
@@ -210,6 +216,50 @@ def test_a_broken_file_is_one_line_naming_it(conf, tmp_path, text, where, says):
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.output, r.output
     assert r.stderr.startswith(f"{target}: ") or f" {target}: " in r.stderr, r.stderr
     assert says in r.stderr
+    assert store_dump(store) == before
+
+
+def test_the_version_1_format_is_read_as_podman_converts_it(regs, empty, conf, tmp_path):
+    """[registries.search] is the unqualified-search-registries, [registries.insecure]
+    and [registries.block] [[registry]] entries with those flags (containers/image's
+    ConvertToV2); only in the main file, and never mixed with version 2 keys."""
+    plain = regs["plain"]
+    R.seed(plain, f"oci-archive:{SAMPLE2}", "fx/sample2:1")
+    v1 = (f'[registries.search]\nregistries = ["{empty.host}", "{plain.host}"]\n\n'
+          f'[registries.insecure]\nregistries = ["{plain.host}", "{empty.host}/"]\n')
+    main = conf(v1)
+    store = tmp_path / "s.sqlite"
+    e, p = empty.mark(), plain.mark()
+    (out,) = _pull(store, "fx/sample2:1")  # plain HTTP: insecure, without --tls-verify=false
+    assert out["id"] == ORACLE["sample2"]["config_digest"] and out["reference"] == f"{plain.host}/fx/sample2:1"
+    assert _manifest_gets(empty, e) == [("GET", "/v2/fx/sample2/manifests/1", 404)]
+    assert [s for m, path, s in _manifest_gets(plain, p)] == [200]
+    # A version 2 drop-in still applies over it; a version 1 drop-in is refused, as podman does.
+    conf('short-name-mode = "enforcing"\n', "10-mode.conf")
+    r = run_cli("pull", "-q", "fx/sample2:1", db_path=tmp_path / "enf.sqlite")
+    assert r.exit_code == 2 and "ambiguous" in r.stderr and str(main) in r.stderr, r.output
+    (tmp_path / "registries.conf.d" / "10-mode.conf").unlink()
+    bad = conf(f'[registries.block]\nregistries = ["{plain.host}"]\n', "20-v1.conf")
+    before = store_dump(store)
+    r = run_cli("pull", "-q", f"{plain.host}/fx/sample2:1", db_path=store)
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+    assert r.stderr.startswith(f"layerdb: error: {bad}: ") and "version 2 format" in r.stderr
+    bad.unlink()
+    # Blocked: refused before any request, for pull, push and login.
+    conf(v1 + f'\n[registries.block]\nregistries = ["{plain.host}"]\n')
+    p = plain.mark()
+    for args in (("pull", "-q", f"{plain.host}/fx/sample2:1"), ("push", "-q", f"{plain.host}/fx/sample2:1"),
+                 ("login", "-u", R.USER, "-p", R.PASSWORD, plain.host)):
+        r = run_cli(*args, db_path=store)
+        assert r.exit_code == 2 and "blocked by registries.conf" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert plain.since(p) == [] and store_dump(store) == before
+    # v1 and v2 in one file: podman's "mixing sysregistry v1/v2 is not supported", even with empty lists.
+    for text in (v1 + f'\n[[registry]]\nlocation = "{plain.host}"\n',
+                 'unqualified-search-registries = []\n\n[registries.search]\nregistries = []\n'):
+        conf(text)
+        r = run_cli("pull", "-q", f"{plain.host}/fx/sample2:1", db_path=store)
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+        assert f"{main}: " in r.stderr and "mixing sysregistry v1/v2 is not supported" in r.stderr
     assert store_dump(store) == before
 
 

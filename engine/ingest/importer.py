@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from hashlib import sha256
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
@@ -14,7 +15,7 @@ from ..refs import normalize_tag
 from ..kinds import IMPLIED, PUT, WHITEOUT  # noqa: F401  (WHITEOUT: containers take it from here)
 from ..log import get_logger
 from .archive import Archive, ImageSource, LayerSource, LayerStream
-from ..content import ContentStore
+from ..content import SMALL, ContentStore
 from ..errors import LayerFormatError, UsageError
 from ..store import Store
 from ..tarevents import TAG_SIZE, Parents, event_of
@@ -23,6 +24,9 @@ from ..tarstream import TarReader
 log = get_logger("layerdb.import")
 
 BATCH = 2000
+# Small contents wait with their batch's events for one dedup query; a batch
+# ends early at this many of their bytes, to keep memory flat.
+SMALL_BATCH_BYTES = 4 << 20
 # Framing records are gathered into pieces of this size before they reach the
 # framing writer: one write per record cost ~5 us (a sha256 update too small to
 # release the GIL, and the writer's bookkeeping), a second per 200k entries.
@@ -102,6 +106,12 @@ class Importer:
             rows = [(start + i, p, p.rsplit(b"/", 1)[-1]) for i, p in enumerate(new)]
             conn.executemany("INSERT INTO path(id, path, name) VALUES (?, ?, ?)", rows)
             known.update((p, pid) for pid, p, _ in rows)
+
+    def _add_small(self, rows: list[list], small: list[tuple[int, bytes, bytes]]) -> None:
+        """Store the batch's small contents and put their blob ids (index 10) in rows."""
+        for (i, _, _), bid in zip(small, self.content.add_small_batch([(sha, data) for _, sha, data in small])):
+            rows[i][10] = bid
+        small.clear()
 
     def _insert_events(self, sql: str, rows: list[list]) -> None:
         """Insert event rows whose path (index 3) and hard-link target (12) are
@@ -246,15 +256,22 @@ class Importer:
         finally:
             stream.close()
 
-    def ingest_tar(self, f: BinaryIO, diff_id: str, what: str = "layer") -> DiffResult:
+    def ingest_tar(self, f: BinaryIO, diff_id: str, what: str = "layer", blob_digest: str | None = None) -> DiffResult:
         """A local layer tar (e.g. one `commit` wrote) as a diff, inside the caller's
-        write transaction; its sha256 must be diff_id.  A stored diff is reused."""
-        row = self.store.one("SELECT id FROM diff WHERE diff_id = ?", (diff_id,))
-        if row is not None:
+        write transaction; its sha256 must be diff_id.  A stored diff is reused.
+        blob_digest: f's bytes as read (a pull's compressed blob) must have it, and
+        are read and checked even when the diff is stored, as _import_layer does."""
+        row = self.store.one("SELECT id, tar_size FROM diff WHERE diff_id = ?", (diff_id,))
+        if row is not None and blob_digest is None:
             return DiffResult(row[0], diff_id, new=False)
+        src = LayerSource(what, blob_digest, diff_id)
         stream = LayerStream(f)
         try:
-            return self._ingest(stream, LayerSource(what, None, diff_id), what, 0)
+            if row is not None:
+                stream.drain(src, limit=row[1], what=what)
+                stream.verify(src, what)
+                return DiffResult(row[0], diff_id, new=False)
+            return self._ingest(stream, src, what, 0)
         except LayerFormatError as err:
             raise LayerFormatError(f"{what}: {err.message}") from None
         finally:
@@ -280,6 +297,8 @@ class Importer:
             " target_id, devmajor, devminor, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         progress = self.progress
+        small: list[tuple[int, bytes, bytes]] = []  # (index in rows, sha256, bytes) of small files
+        small_bytes = 0
         fbuf = bytearray()  # framing records not yet written
         tbuf = bytearray()  # tags not yet written, gathered as the framing is
         for seq, e in enumerate(reader):
@@ -291,7 +310,15 @@ class Importer:
             ev = event_of(e)
             blob_id = None
             if e.type == "f":
-                blob_id, sha = self.content.add(reader.payload(), e.size)
+                if e.size <= SMALL:
+                    # Looked up with the batch (ContentStore.add_small_batch): one
+                    # query per batch instead of one per file.
+                    data = b"".join(reader.payload())
+                    sha = sha256(data).digest()
+                    small.append((len(rows), sha, data))
+                    small_bytes += len(data)
+                else:
+                    blob_id, sha = self.content.add(reader.payload(), e.size)
                 tbuf += sha[:TAG_SIZE]
                 if len(tbuf) >= FRAMING_PIECE:
                     tags.write(bytes(tbuf))
@@ -302,12 +329,15 @@ class Importer:
                 [diff_rowid, ev.kind, seq, ev.path, ev.type, ev.mode, ev.uid, ev.gid, ev.mtime, ev.size,
                  blob_id, ev.link, ev.target, ev.devmajor, ev.devminor, ev.xattrs]
             )
-            if len(rows) >= BATCH:
+            if len(rows) >= BATCH or small_bytes >= SMALL_BATCH_BYTES:
+                self._add_small(rows, small)
+                small_bytes = 0
                 self._insert_events(ins, rows)
                 rows.clear()
                 if progress:
                     progress("layer", stream.raw.count, blob_size)
         entries = seq + 1
+        self._add_small(rows, small)
         self._insert_events(ins, rows)
         rows.clear()
         # A non-directory that is some entry's parent is looked up among this diff's events.

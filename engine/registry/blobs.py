@@ -5,7 +5,11 @@ temporary file (O_TMPFILE: it has no name, so a killed process leaves nothing
 behind) that the importer reads while it fills.  The layer being imported thus
 streams from the socket; the next ones, downloading in parallel, wait on disk
 rather than in memory.  The reader sees the end of the blob only once its
-digest and size are checked, so nothing unverified reaches a commit.
+size is checked.  A layer's digest is checked by its reader, the importer's
+LayerStream, which hashes the blob anyway (Importer.ingest_tar's blob_digest,
+also for a diff it has), before anything commits: hashing it here too cost a
+second sha256 of every byte (fetch(verify=False)).  Spool.digest() hashes the
+file again only when the import fails, to say whether the blob was bad.
 """
 
 from __future__ import annotations
@@ -75,9 +79,22 @@ class Spool:
         return b
 
     def error(self) -> BaseException | None:
-        """How the download ended, once it has: None when the blob was whole and verified."""
+        """How the download ended, once it has: None when the blob was whole (and,
+        with fetch's verify, had its digest)."""
         with self._cond:
             return self._error
+
+    def digest(self) -> str:
+        """The sha256 of the bytes written so far, read back from the file."""
+        h = hashlib.sha256()
+        pos = 0
+        while pos < self._written:
+            b = os.pread(self._fd, min(READ, self._written - pos), pos)
+            if not b:
+                break
+            h.update(b)
+            pos += len(b)
+        return "sha256:" + h.hexdigest()
 
     def close(self) -> None:
         self.cancelled.set()
@@ -97,15 +114,17 @@ def _anonymous_file() -> int:
 
 
 def fetch(client: Client, repo: str, digest: str, size: int, out: Callable[[bytes], None],
-          progress: Callable[[int], None] | None = None, cancelled: threading.Event | None = None) -> None:
+          progress: Callable[[int], None] | None = None, cancelled: threading.Event | None = None,
+          verify: bool = True) -> None:
     """GET a blob into out(), resuming after a dropped connection.
 
-    Bytes past the declared size are refused (a wrong or endless body), and the
-    sha256 must be the digest.  A resume sends Range; a 206 must start where we
-    stopped, and a 200 (Range ignored) restarts the body from byte 0, whose first
-    bytes are skipped as already had.
+    Bytes past the declared size are refused (a wrong or endless body), and with
+    verify the sha256 must be the digest (without it, out()'s reader checks it).
+    A resume sends Range; a 206 must start where we stopped, and a 200 (Range
+    ignored) restarts the body from byte 0, whose first bytes are skipped as
+    already had.
     """
-    h = hashlib.sha256()
+    h = hashlib.sha256() if verify else None
     got = 0
     stalls = 0
     path = f"/v2/{repo}/blobs/{digest}"
@@ -144,7 +163,8 @@ def fetch(client: Client, repo: str, digest: str, size: int, out: Callable[[byte
                 if got + len(b) > size:
                     r.close()
                     raise RegistryProtocolError(f"{what}: the registry sent more than its declared {size} bytes")
-                h.update(b)
+                if h is not None:
+                    h.update(b)
                 got += len(b)
                 out(b)
                 if progress:
@@ -170,9 +190,10 @@ def fetch(client: Client, repo: str, digest: str, size: int, out: Callable[[byte
             log.info("resume", blob=digest, at=got, reason="short body")
             continue
         break
-    d = "sha256:" + h.hexdigest()
-    if d != digest:
-        raise DigestMismatch(what, digest, d)
+    if h is not None:
+        d = "sha256:" + h.hexdigest()
+        if d != digest:
+            raise DigestMismatch(what, digest, d)
 
 
 def _range_start(value: str | None) -> int | None:
@@ -186,10 +207,11 @@ def _range_start(value: str | None) -> int | None:
 
 
 def download_into(spool: Spool, client: Client, repo: str, digest: str, size: int,
-                  progress: Callable[[int], None] | None = None) -> None:
-    """Thread body: fetch into the spool and hand the outcome to its reader."""
+                  progress: Callable[[int], None] | None = None, verify: bool = True) -> None:
+    """Thread body: fetch into the spool and hand the outcome to its reader
+    (verify=False: the reader checks the digest, see the module's docstring)."""
     try:
-        fetch(client, repo, digest, size, spool.write, progress, spool.cancelled)
+        fetch(client, repo, digest, size, spool.write, progress, spool.cancelled, verify)
     except Cancelled:
         spool.finish(RegistryError("pull cancelled"))
     except LayerdbError as e:

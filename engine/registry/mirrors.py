@@ -1,6 +1,13 @@
 """registries.conf (containers-registries.conf(5), version 2): mirrors, rewritten
 locations, insecure and blocked registries, as podman and skopeo read them.
 
+The deprecated version 1 format ([registries.search], [registries.insecure],
+[registries.block], each `registries = [...]`) is read as containers/image
+converts it (sysregistriesv2 ConvertToV2): the search list becomes the
+unqualified-search-registries, each insecure or blocked one a [[registry]]
+whose prefix and location are that name.  As there, it may only be the main
+file: a drop-in in it, or a file that mixes it with version 2 keys, is an error.
+
 The file is $CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf
 when it exists, else /etc/containers/registries.conf; then the drop-ins
 FILE.d/*.conf in name order (for the system file, then also the user's
@@ -24,6 +31,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from . import reference
 from .reference import Reference, parse
 
 SYSTEM = "/etc/containers/registries.conf"
@@ -116,6 +124,64 @@ def read_toml(path: str, what: str = "registries.conf") -> dict:
 
 _toml = read_toml
 
+# What makes a file version 2 (containers/image's V2RegistriesConf fields) or version 1.
+V2_KEYS = ("registry", "unqualified-search-registries", "credential-helpers", "short-name-mode",
+           "additional-layer-store-auth-helper", "aliases")
+V1_LISTS = ("search", "insecure", "block")
+
+
+def read_conf(path: str) -> dict:
+    """One registries.conf file (main or drop-in) as a version 2 document; a
+    version 1 main file is converted.  Like containers/image, a v1 list set to []
+    still makes the file v1, and a v2 key set to [] still makes it v2."""
+    doc = read_toml(path)
+    v1 = _v1_lists(path, doc)
+    if v1 is None:
+        return doc
+    if path != config_path():
+        raise UsageError(f"{path}: a drop-in must be in the version 2 format, not [registries.search], "
+                         "[registries.insecure] or [registries.block] (version 1)")
+    mixed = [k for k in V2_KEYS if k in doc]
+    if mixed:
+        raise UsageError(f"{path}: mixes the version 1 format ([registries.{'/'.join(v1)}]) with version 2 "
+                         f"keys ({', '.join(mixed)}): mixing sysregistry v1/v2 is not supported")
+    regs: dict[str, dict] = {}  # location -> [[registry]], in the order first named
+    for kind, flag in (("block", "blocked"), ("insecure", "insecure")):
+        for name in v1.get(kind, []):
+            loc = name.rstrip("/")
+            if not loc or loc.startswith(("http://", "https://")):
+                raise UsageError(f"{path}: [registries.{kind}] {name!r}: expected a registry, without a URI scheme")
+            regs.setdefault(loc, {"prefix": loc, "location": loc})[flag] = True
+    out: dict = {"registry": list(regs.values())}
+    if "search" in v1:
+        for name in v1["search"]:
+            if not reference.valid_host(name.rstrip("/")):
+                raise UsageError(f"{path}: [registries.search] {name!r} is not a host[:port]")
+        out["unqualified-search-registries"] = v1["search"]
+    return out
+
+
+def _v1_lists(path: str, doc: dict) -> dict[str, list[str]] | None:
+    """The version 1 lists a file sets ({} never: None when it sets none)."""
+    top = doc.get("registries")
+    if top is None:
+        return None
+    if not isinstance(top, dict):
+        raise UsageError(f"{path}: registries must be the [registries.search], [registries.insecure] and "
+                         "[registries.block] tables of the version 1 format")
+    out: dict[str, list[str]] = {}
+    for kind in V1_LISTS:
+        t = top.get(kind)
+        if t is None:
+            continue
+        v = t.get("registries") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or ("registries" in t and not (
+                isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise UsageError(f"{path}: [registries.{kind}] must hold registries = [\"host[:port]\", ...]")
+        if "registries" in t:
+            out[kind] = v
+    return out or None
+
 
 def _bool(v: object, path: str, what: str) -> bool:
     if v is None:
@@ -160,7 +226,7 @@ def _entries(path: str, doc: dict) -> list[Entry]:
 def load() -> list[Entry]:
     by_prefix: dict[str, Entry] = {}
     for f in conf_files():
-        for e in _entries(f, read_toml(f)):
+        for e in _entries(f, read_conf(f)):
             by_prefix[e.prefix] = e
     return list(by_prefix.values())
 

@@ -1,9 +1,10 @@
 """pull: a registry image into the store, one transaction, only the layers it lacks.
 
 The manifest (and index) and the config come first; a layer whose diff_id the
-store holds is not downloaded.  The others download in parallel (JOBS at a
-time, each into a Spool, see blobs.py) and are imported in layer order by the
-importer, on this thread, inside one write transaction: a refused or killed
+store holds, or that an earlier layer of the pull has, is not downloaded.  The
+others download in parallel (JOBS at a time, each into a Spool, see blobs.py)
+and are imported in layer order by the importer, which hashes each blob once,
+checking its digest and diff_id, on this thread, inside one write transaction: a refused or killed
 pull leaves the store as it was, with no partial download behind it (issue 13
 and DESIGN.md ask for exactly this).  The price is that the write lock is held
 while the layers download; committing layer by layer would free it between
@@ -12,7 +13,6 @@ layers but leave diffs no image uses after a failed pull.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from dataclasses import dataclass, field
@@ -225,8 +225,7 @@ def _plan_first(ref: reference.Reference, opts: RegistryOptions, platform: str |
     serves the manifest and config; it serves the layers too, as in containers/image."""
     cands = mirrors.sources(ref, pull=True)
     for i, s in enumerate(cands):
-        o = dataclasses.replace(opts, tls_verify=False) if s.insecure else opts
-        client = o.client(s.ref.registry, s.ref.repository, s.ref.api_host)
+        client = opts.client(s.ref.registry, s.ref.repository, s.ref.api_host, insecure=s.insecure)
         try:
             return client, s.ref, plan(client, s.ref, platform, all_platforms)
         except (RegistryError, RegistryNotFound, DigestMismatch) as e:
@@ -277,8 +276,10 @@ def _import(store: Store, content: ContentStore, client: Client, ref: reference.
         if progress:
             progress("start", {"index": k + 1, "count": len(todo), "digest": desc["digest"], "diff_id": diff_id,
                                "size": desc["size"]})
+        # verify=False: the importer hashes the blob as it reads it (ingest_tar's blob_digest).
         t = threading.Thread(target=blobs.download_into, name=f"layerdb-pull-{k}",
-                             args=(spool, client, src.repository, desc["digest"], desc["size"], prog), daemon=True)
+                             args=(spool, client, src.repository, desc["digest"], desc["size"], prog, False),
+                             daemon=True)
         t.start()
         running[k] = (spool, t)
 
@@ -289,14 +290,17 @@ def _import(store: Store, content: ContentStore, client: Client, ref: reference.
         for k, (desc, diff_id, what) in enumerate(todo):
             spool, t = running[k]
             try:
-                d = imp.ingest_tar(spool, diff_id, what)
+                d = imp.ingest_tar(spool, diff_id, what, blob_digest=desc["digest"])
             except LayerdbError:
-                # A damaged blob often fails to decompress before its digest is
-                # known: let the download finish, and blame the blob if it is bad.
+                # A damaged blob often fails to decompress, or gives another tar,
+                # before its digest is known: let the download finish, and blame
+                # the blob if it is bad (the download did not hash it: hash it now).
                 t.join()
                 bad = spool.error()
                 if isinstance(bad, LayerdbError):
                     raise bad from None
+                if bad is None and (got := spool.digest()) != desc["digest"]:
+                    raise DigestMismatch(f"blob {desc['digest']}", desc["digest"], got) from None
                 raise
             t.join()
             spool.close()

@@ -18,7 +18,6 @@ index digest it named where it was pulled from.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -296,8 +295,7 @@ def push(store: Store, content: ContentStore, image: str, dest: str | None, opts
     # registries.conf may rewrite the location or mark it insecure; mirrors are for pulls only.
     (where,) = mirrors.sources(ref, pull=False)
     ref = where.ref
-    client = (dataclasses.replace(opts, tls_verify=False) if where.insecure else opts).client(
-        ref.registry, ref.repository, ref.api_host)
+    client = opts.client(ref.registry, ref.repository, ref.api_host, insecure=where.insecure)
     p = _Pusher(client, ref, store, progress)
     tag = ref.tag or "latest"
     want = FORMATS[fmt] if fmt else None

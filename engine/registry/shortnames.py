@@ -11,7 +11,7 @@ The alias key is the name as written without tag or digest (`alpine:3` looks up
 alias's target.
 
 Without an alias, `unqualified-search-registries` (the last file that sets it
-wins) gives the candidates, tried in order by pull.  When no file sets it the
+wins; a version 1 file's [registries.search], see mirrors.py) gives the candidates, tried in order by pull.  When no file sets it the
 name is Docker Hub's, as docker normalises it (DESIGN.md), where podman would
 refuse: a machine without any registries.conf keeps working as it did.
 
@@ -113,7 +113,7 @@ def _search(path: str, value: object) -> list[str]:
 def settings() -> Settings:
     s = Settings()
     for path in mirrors.conf_files():
-        doc = mirrors.read_toml(path)
+        doc = mirrors.read_conf(path)
         s.aliases.update(_aliases(path, doc.get("aliases")))
         if "unqualified-search-registries" in doc:
             s.search, s.search_origin = _search(path, doc["unqualified-search-registries"]), path
