@@ -109,6 +109,7 @@ def run_bench(runs: int, profile: bool = False) -> list[Result]:
     cases = {"layerdb": import_case(archive, work, rss, sizes)}
     if py:
         cases["floor 2 threads"] = floor_case(archive, py, "--two-thread")
+        cases["verified floor"] = floor_case(archive, py, "--verified")
         cases["floor+zstd"] = floor_case(archive, py, "--zstd")
         cases["floor"] = floor_case(archive, py, None)
     if have("skopeo"):
@@ -121,6 +122,9 @@ def run_bench(runs: int, profile: bool = False) -> list[Result]:
         out.append(Result("import", "import Debian+python3: layerdb vs the two-thread floor (isal gunzip + sha256 | "
                           "zstd-3 of the tar stream)", lt, "floor 2 threads", median(t["floor 2 threads"]), 1.15,
                           samples=t, extra={"peak RSS": f"layerdb {max(rss) / MiB:.0f} MiB"}))
+        out.append(Result("import", "import Debian+python3: layerdb vs the verified two-thread floor (+ the blob's "
+                          "sha256 | + a content sha256; figure only)", lt, "verified floor",
+                          median(t["verified floor"]), None))
         out.append(Result("import", "import Debian+python3: layerdb vs gunzip+sha256+zstd-3 floor, one thread "
                           "(figure only)", lt, "floor+zstd", median(t["floor+zstd"]), None))
         out.append(Result("import", "import Debian+python3: layerdb vs gunzip+sha256 floor (figure only)",

@@ -4,6 +4,7 @@
     python3 bench/floor.py ARCHIVE.oci.tar               # gunzip + sha256 of every layer, one thread
     python3 bench/floor.py --zstd ARCHIVE.oci.tar        # ... + zstd-3 of the tar stream, one thread
     python3 bench/floor.py --two-thread ARCHIVE.oci.tar  # gunzip + sha256 on one thread, zstd-3 on another
+    python3 bench/floor.py --verified ARCHIVE.oci.tar    # + the blob's sha256 | + a content sha256 (figure)
 
 The two-thread floor is issue 16's: on two cores an importer can at best run
 the inflater and the hashes on one core and the compressor on the other, so
@@ -13,6 +14,12 @@ the whole tar stream in 1 MiB pieces, as one stream, which is less work than
 layerdb's per-pack frames.  isal, hashlib and zstandard release the GIL on
 these buffers, so the two threads do run at once.  Streaming 1 MiB at a time;
 the hand-over queue holds at most 8 pieces.
+
+The verified floor is the same two threads doing what any importer that checks
+every digest and addresses contents by sha256 must do besides: the first also
+hashes the compressed blob (its digest), the second hashes the tar's bytes once
+more before compressing them (a sha256 for every file's contents, which are
+most of a tar).  It still parses nothing and stores nothing.
 """
 
 from __future__ import annotations
@@ -73,21 +80,35 @@ def _inflated(f):
         yield out
 
 
-def floor(archive: str, zstd: bool, two_thread: bool = False) -> tuple[int, int]:
+class _HashedFile:
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        return b
+
+
+def floor(archive: str, zstd: bool, two_thread: bool = False, verified: bool = False) -> tuple[int, int]:
     """(layers, uncompressed bytes); raises if a diff_id does not match the config."""
     import zstandard
 
+    two_thread = two_thread or verified
     cctx = zstandard.ZstdCompressor(level=3) if zstd or two_thread else None
     q: queue.Queue = queue.Queue(maxsize=8)
     compressor = None
     if two_thread:
         def compress() -> None:
             comp = cctx.compressobj()
+            content = hashlib.sha256()
             while (piece := q.get()) is not None:
                 if piece is EOF:
                     comp.flush()
                     comp = cctx.compressobj()
                 else:
+                    if verified:
+                        content.update(piece)
                     comp.compress(piece)
 
         compressor = threading.Thread(target=compress)
@@ -95,6 +116,8 @@ def floor(archive: str, zstd: bool, two_thread: bool = False) -> tuple[int, int]
     n = total = 0
     try:
         for f, diff_id in _layers(archive):
+            if verified:
+                f = _HashedFile(f)
             h = hashlib.sha256()
             comp = cctx.compressobj() if zstd and not two_thread else None
             for raw in _inflated(f):
@@ -125,10 +148,11 @@ def main() -> None:
     args = sys.argv[1:]
     zstd = "--zstd" in args
     two = "--two-thread" in args
-    paths = [a for a in args if a not in ("--zstd", "--two-thread")]
+    verified = "--verified" in args
+    paths = [a for a in args if a not in ("--zstd", "--two-thread", "--verified")]
     if len(paths) != 1:
         raise SystemExit(__doc__)
-    n, total = floor(paths[0], zstd, two)
+    n, total = floor(paths[0], zstd, two, verified)
     print(f"{n} layers, {total} bytes")
 
 

@@ -45,10 +45,14 @@ CDC_WINDOW = 4 * CDC_MAX  # bytes gathered before cutting: all but the last CDC_
 # more peak RSS (one more malloc arena, one more zstd context).
 WORKERS = 1
 # Raw bytes handed to the workers and not yet stored: bounds memory (a pack or
-# a chunk, its compressed copy, and the window a chunk is a view of).  Each
-# 4 MiB more in flight measured about 4 MiB more peak RSS, and bought nothing
-# once both workers have work.
-MAX_IN_FLIGHT_BYTES = 4 << 20
+# a chunk, its compressed copy, and the window a chunk is a view of).  Two
+# packs: with one, the importing thread stopped at every full pack until the
+# worker had compressed the one before (0.4-0.55 s of waiting in an import of
+# py-app:1), and the read-ahead then stopped too, its queue full.  8 MiB took
+# web:1 from 2.47-2.88 s to 2.26-2.50 and py-app:1 from 2.02-2.49 to 2.00-2.18,
+# for 5-8 MiB more peak RSS (at most 92 MiB on the bench images); 12 MiB gained
+# a little more and reached 98-100 MiB.
+MAX_IN_FLIGHT_BYTES = 8 << 20
 
 
 # Magic numbers of formats that are compressed already: zstd cannot shrink them.

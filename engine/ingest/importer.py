@@ -26,7 +26,7 @@ log = get_logger("layerdb.import")
 BATCH = 2000
 # Small contents wait with their batch's events for one dedup query; a batch
 # ends early at this many of their bytes, to keep memory flat.
-SMALL_BATCH_BYTES = 4 << 20
+SMALL_BATCH_BYTES = 1 << 20
 # Framing records are gathered into pieces of this size before they reach the
 # framing writer: one write per record cost ~5 us (a sha256 update too small to
 # release the GIL, and the writer's bookkeeping), a second per 200k entries.
