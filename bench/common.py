@@ -33,6 +33,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERDB_BENCH_DIR") or "/var/tmp/layerdb-bench")
 
 
+# What a user's `pip install` has: every module compiled once, its bytecode kept.
+# A machine that sets PYTHONDONTWRITEBYTECODE (this one does) would otherwise make
+# an editable install compile its modules on every start of every command
+# (bench/README.md, "export"); bench_export.py times that case too, as a figure.
+# The bytecode goes under the cache, never into the repository.
+if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+    os.environ.pop("PYTHONDONTWRITEBYTECODE")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(cache_dir() / "pycache")
+
+
 def scratch(name: str) -> Path:
     """An empty scratch directory under the cache (emptied if it exists)."""
     d = cache_dir() / "scratch" / name
