@@ -13,6 +13,34 @@ from typing import Any, Callable
 
 import click
 
+# Commands that stream whole layers through several threads (a read-ahead, the
+# zstd worker, export's decoders, pull's downloads).
+STREAMING = frozenset({"import", "pull", "push", "build", "export", "save", "commit", "cp", "container", "mount",
+                       "explore", "fsck", "gc"})
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_heap() -> None:
+    """Let every thread allocate from one glibc heap.
+
+    By default each thread that allocates while another holds the heap's lock
+    gets an arena of its own, and a freed buffer of 1 to 8 MiB stays resident
+    in the arena of the thread that freed it: the next one, on another
+    thread, comes from another arena.  With one arena the same memory serves
+    them all.  On Debian+python3 (12-02, 2 cores, medians of 6 to 8 runs):
+    import peaked at 77-88 MiB instead of 80-89, export at 72-77 instead of
+    86-91, and a pull at 87-94 MiB instead of 104-110 with the default
+    policy, at no cost in time: the threads hold the GIL when they allocate,
+    so they never wait for the lock.  pull used a fixed 2 MiB mmap threshold
+    instead, which cost 0.35 s of page faults (system time 0.91 against 0.54
+    s).  Process-wide, so the program sets it, not the library.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
 
 
 class LayerdbGroup(click.Group):
@@ -112,6 +140,8 @@ def cli(ctx: click.Context, db: str | None, log_format: str, verbose: int) -> No
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
     ctx.obj = {"db": db}
+    if ctx.invoked_subcommand in STREAMING:
+        one_heap()
 
 
 def open_db(ctx: click.Context):

@@ -32,31 +32,6 @@ log = get_logger("layerdb.registry")
 
 JOBS = 3
 
-# glibc raises its mmap threshold to the size of each large block freed (up to
-# 32 MiB), after which the importer's transient buffers of 1 to 8 MiB, spread
-# over the main, download and compression threads, come from the heaps and stay
-# resident: a pull of Debian+python3 peaked at 104-110 MiB.  A fixed threshold
-# sends blocks from 2 MiB up to mmap, whose realloc moves pages instead of
-# copying them and whose free returns them: 86-90 MiB, for about 9% more CPU
-# (page faults); 256 KiB gave 77 MiB for 18% more (peak RSS and CPU time of
-# three pulls each from a loopback registry, 2 shared cores).  `import` has the
-# same heaps: 88 MiB, 72 MiB with 256 KiB.
-MMAP_THRESHOLD = 2 << 20
-_heap_bounded = False
-
-
-def _bound_heap() -> None:
-    global _heap_bounded
-    if _heap_bounded:
-        return
-    _heap_bounded = True
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        pass
-
 # progress(event, fields): event is "skip", "start", "bytes", "done" for a layer
 # (fields: index, count, digest, diff_id, size, done) or "image" (fields: id, tags).
 PullProgress = Callable[[str, dict], None]
@@ -171,7 +146,6 @@ def pull(store: Store, content: ContentStore, source: str, opts: RegistryOptions
          progress: PullProgress | None = None, jobs: int = JOBS) -> PullResult:
     if platform and all_platforms:
         raise UsageError("--platform and --all-platforms exclude each other")
-    _bound_heap()
     ref, client, src, images = _resolve_and_plan(source, opts, platform, all_platforms)
     try:
         result = PullResult(manifest_digest=images[0].index.digest if images[0].index else images[0].manifest.digest,
