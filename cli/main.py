@@ -1,15 +1,14 @@
 """The layerdb command line: parse, call the engine, render a table or JSON.
 
 cli/base.py holds the group and the shared options; each *_cmds module
-registers one group of commands on it.
+registers one group of commands on it when the group first needs one of them
+(base.COMMAND_MODULES).
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from . import (audit_cmds, build_cmds, container_cmds, explore_cmds, image_cmds, maint_cmds,  # noqa: F401  register commands
-               registry_cmds, store_cmds, view_cmds)
 from .base import cli
 
 __all__ = ["cli", "main"]

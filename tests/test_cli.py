@@ -39,10 +39,30 @@ def oracle_entry(pos, path):
 def test_every_command_has_help():
     from layerdb.cli.main import cli
 
-    for name, cmd in cli.commands.items():
+    for name, cmd in cli.load_all().items():
         assert cmd.help, name
         r = run_cli(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_commands_load_from_the_modules_the_group_names():
+    """Starting loads no command module; each command comes from the module
+    base.COMMAND_MODULES names, and every registered command is in that map."""
+    code = """
+import sys
+from layerdb.cli.main import cli
+from layerdb.cli.base import COMMAND_MODULES
+assert not [m for m in sys.modules if m.endswith('_cmds')], sorted(sys.modules)
+for name, module in sorted(COMMAND_MODULES.items()):
+    cmd = cli.get_command(None, name)
+    assert cmd is not None, name
+    assert cmd.callback is None or cmd.callback.__module__ == 'layerdb.cli.' + module, (name, cmd.callback.__module__)
+assert set(cli.load_all()) == set(COMMAND_MODULES), set(cli.commands) ^ set(COMMAND_MODULES)
+assert cli.list_commands(None) == sorted(COMMAND_MODULES)
+print('ok')
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
 
 
 def test_bare_layerdb_prints_its_help_and_succeeds(tmp_path):
