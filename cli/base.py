@@ -60,6 +60,30 @@ COMMAND_MODULES = {
 }
 
 
+# Options that podman and skopeo declare as Go booleans: `--tls-verify` alone means
+# true and never takes the next word, which may be the image reference.
+BARE_BOOL_FLAGS = frozenset({"--tls-verify"})
+BOOL_WORDS = frozenset({"true", "false", "1", "0", "t", "f", "yes", "no"})
+
+
+def bare_bool_flags(args: list[str]) -> list[str]:
+    """`--tls-verify` with no value of its own becomes `--tls-verify=true`.
+
+    A boolean word after it is still its value (`--tls-verify false`, which
+    click users write); anything else, a reference or another option, is left
+    where it is.  Arguments after `--` are not options.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if arg in BARE_BOOL_FLAGS and (nxt is None or nxt.lower() not in BOOL_WORDS):
+            arg += "=true"
+        out.append(arg)
+    return out
+
+
 class LayerdbGroup(click.Group):
     """Turns engine errors into one line on stderr and their exit code, and
     loads each command's module when it is first wanted."""
@@ -71,6 +95,10 @@ class LayerdbGroup(click.Group):
         if name not in self.commands and name in COMMAND_MODULES:
             importlib.import_module(f"{__package__}.{COMMAND_MODULES[name]}")
         return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        return name, cmd, bare_bool_flags(rest)
 
     def load_all(self) -> dict[str, click.Command]:
         """Every command, its module imported."""

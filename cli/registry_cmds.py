@@ -13,9 +13,10 @@ from .base import cli, json_option, open_db
 
 def _bool(value: str) -> bool:
     v = value.lower()
-    if v in ("true", "1", "yes"):
+    # Go's strconv.ParseBool words (podman, skopeo), and yes/no.
+    if v in ("true", "1", "t", "yes"):
         return True
-    if v in ("false", "0", "no"):
+    if v in ("false", "0", "f", "no"):
         return False
     raise click.BadParameter(f"{value!r}: expected true or false")
 
@@ -25,7 +26,7 @@ def _tri_state(ctx, param, value: str | None) -> bool | None:
     return None if value is None else _bool(value)
 
 
-TLS_VERIFY_HELP = ("true: verify TLS, even for a registry registries.conf marks insecure; false: allow plain "
+TLS_VERIFY_HELP = ("true (or the bare flag): verify TLS, even for a registry registries.conf marks insecure; false: allow plain "
                    "HTTP and unverified TLS. Default: verify, except for registries.conf's insecure registries "
                    "and mirrors.")
 

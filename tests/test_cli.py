@@ -65,6 +65,17 @@ print('ok')
     assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
 
 
+def test_a_bare_boolean_flag_is_true_and_takes_no_word_but_a_boolean():
+    from layerdb.cli.base import bare_bool_flags
+
+    assert bare_bool_flags(["--tls-verify", "localhost:5000/a:1"]) == ["--tls-verify=true", "localhost:5000/a:1"]
+    assert bare_bool_flags(["a:1", "--tls-verify"]) == ["a:1", "--tls-verify=true"]
+    assert bare_bool_flags(["--tls-verify", "-q", "a"]) == ["--tls-verify=true", "-q", "a"]
+    assert bare_bool_flags(["--tls-verify", "False", "a"]) == ["--tls-verify", "False", "a"]
+    assert bare_bool_flags(["--tls-verify=false", "a"]) == ["--tls-verify=false", "a"]
+    assert bare_bool_flags(["a", "--", "--tls-verify"]) == ["a", "--", "--tls-verify"]
+
+
 def test_bare_layerdb_prints_its_help_and_succeeds(tmp_path):
     """As podman and docker do: help on stdout, exit 0, nothing on stderr."""
     env = {k: v for k, v in os.environ.items() if k != "LAYERDB_DB"}

@@ -189,7 +189,9 @@ def test_tls_verify_is_a_tri_state_over_registries_conf(regs, conf, tmp_path):
     run_cli("images", db_path=store)
     before = store_dump(store)
     p = plain.mark()
-    for args in (("pull", "--tls-verify=true", ref), ("pull", "--tls-verify", "yes", ref)):
+    # The bare flag is true and leaves the reference after it alone, as podman's Go boolean does.
+    for args in (("pull", "--tls-verify=true", ref), ("pull", "--tls-verify", "yes", ref),
+                 ("pull", "--tls-verify", ref), ("pull", ref, "--tls-verify"), ("pull", "--tls-verify", "-q", ref)):
         r = run_cli(*args, db_path=store)
         assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and "--tls-verify=false" in r.stderr, r.output
     assert plain.since(p) == [] and store_dump(store) == before
@@ -208,7 +210,10 @@ def test_tls_verify_is_a_tri_state_over_registries_conf(regs, conf, tmp_path):
         return run_cli("login", "--authfile", str(auth), "-u", R.USER, "--password-stdin", *args, tls.host,
                        input=f"{R.PASSWORD}\n".encode())
 
-    r = login("--tls-verify=true")
+    for flag in (("--tls-verify=true",), ("--tls-verify", "T")):
+        r = login(*flag)
+        assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and not auth.exists(), r.output
+    r = login("--tls-verify")  # the registry follows: the bare flag is true, not its value
     assert r.exit_code == 7 and len(r.stderr.splitlines()) == 1 and not auth.exists(), r.output
     assert login().exit_code == 0 and list(json.loads(auth.read_text())["auths"]) == [tls.host]
     # Without the file's entries: unset verifies, false does not.
