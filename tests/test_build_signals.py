@@ -40,6 +40,26 @@ def _mounts_below(path: Path) -> list[str]:
         return [ln for ln in f if str(path) in ln]
 
 
+def _group_state(pgid: int) -> str:
+    """What each process of the group is doing: to tell a lost signal from a stuck wait."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            if not pid.isdigit() or os.getpgid(int(pid)) != pgid:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                st = dict(ln.split(":", 1) for ln in f if ":" in ln)
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+        out.append(f"{pid} {st['State'].strip()} wchan={wchan} SigBlk={st['SigBlk'].strip()} "
+                   f"SigIgn={st['SigIgn'].strip()} SigCgt={st['SigCgt'].strip()} {cmd}")
+    return "\n".join(out)
+
+
 def _interrupted_build(tmp_path: Path, how: str):
     store = tmp_path / "store.sqlite"
     assert run_cli("import", str(BASE), db_path=store).exit_code == 0
@@ -53,8 +73,16 @@ def _interrupted_build(tmp_path: Path, how: str):
     cache = tmp_path / "cache"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     before = store_dump(store)
-    p = subprocess.Popen([str(LAYERDB), "--db", str(store), "build", "-t", "sig:1", str(ctx)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # A terminal's foreground job takes Ctrl-C; a test run started in the background
+    # (`pytest &` in a shell without job control) ignores SIGINT, and every exec
+    # down to the step's sleep keeps that: the builder is started as from a terminal.
+    was = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen([str(LAYERDB), "--db", str(store), "build", "-t", "sig:1", str(ctx)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        if was is not None:
+            signal.signal(signal.SIGINT, was)
     seen = b""
     deadline = time.monotonic() + 60
     while b"started" not in seen:
@@ -69,7 +97,13 @@ def _interrupted_build(tmp_path: Path, how: str):
         os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     else:
         os.kill(p.pid, signal.SIGKILL)  # the builder alone, as the OOM killer would
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        state = _group_state(p.pid)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"the builder did not end within 60 s of the signal; its process group:\n{state}")
     for _ in range(100):  # the step's processes die with their namespace, at once but not in this instant
         if not _step_processes(f"sleep\0{marker}"):
             break
