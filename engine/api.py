@@ -159,7 +159,8 @@ class LayerDB(Reader):
         with self.store.read():
             r = refs.resolve(self.store, ref)
             with TreeEntries(self.store, r.chain) as source:
-                return write_tar(source.batches(), self.content, out, progress, source.total)
+                return write_tar(source.batches(), self.content, out, progress, source.total,
+                                 source.partitioned)
 
     def export_dir(self, ref: str, target: str, allow_devices: bool = False) -> int:
         """The view at REF into a new directory DIR, in tree order, replayed in

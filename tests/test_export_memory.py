@@ -276,3 +276,37 @@ def test_partitioned_export_of_a_damaged_store_fails_cleanly(db, monkeypatch):
     with pytest.raises(CorruptStore):
         db.export_tar("s:1", io.BytesIO())
     assert db.store.execute("SELECT name FROM temp.sqlite_schema").fetchall() == []
+
+
+def test_partitions_decode_each_pack_once(db, tmp_path, monkeypatch):
+    """A pack whose files fall in several partitions is decoded once and kept for
+    the next ones (output.export.KEPT_BYTES); with no room to keep it, it is read
+    again where it comes back, and the tar is the oracle's view either way."""
+    from collections import Counter
+
+    from conftest import export_bytes, manifest_of_tar_bytes, oracle_lines, oracle_positions
+    from layerdb.engine.output import export as out
+
+    oracle = REPO_FIXTURES / "oracle" / "sample"
+    db.import_archive(str(REPO_FIXTURES / "images" / "sample.oci.tar"), tag="s:1")
+    chunks = db.content.chunks
+    real = chunks.get_encoded
+    reads: list[bytes] = []
+    monkeypatch.setattr(chunks, "get_encoded", lambda sha: reads.append(sha) or real(sha))
+    with db.store.read():
+        blobs = [b for (b,) in db.store.execute("SELECT id FROM blob")]
+        packs = {pack for pack, _ in db.content.locate(blobs).values()}
+
+    def pack_reads(kept: int) -> tuple[bytes, Counter]:
+        reads.clear()
+        with monkeypatch.context() as m:
+            replaying(m, 2)
+            m.setattr(out, "KEPT_BYTES", kept)
+            data = export_bytes(db, "s:1")
+        return data, Counter(sha for sha in reads if sha in packs)
+
+    kept, once = pack_reads(16 << 20)
+    assert len(once) > 1 and set(once.values()) == {1}  # the view needs some of the packs, each once
+    assert manifest_of_tar_bytes(kept, tmp_path) == oracle_lines(oracle, max(oracle_positions(oracle)))
+    dropped, again = pack_reads(0)
+    assert dropped == kept and max(again.values()) > 1
