@@ -15,7 +15,7 @@ from .chunks import SqliteChunkStore
 from .content import ContentStore
 from .errors import NotFound, UsageError
 from .paths import parse_path, show_path
-from .replay import Event, Node, View, chain_events, decided_events
+from .replay import Event, Node, View, chain_view, decided_events
 from .store import Store, default_db_path
 
 TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "h": "hardlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
@@ -73,7 +73,7 @@ class Reader:
         iter_listing, iter_diff) or load only what they read (lookup, cat)."""
         with self.store.read():
             r = ref if isinstance(ref, refs.Resolved) else refs.resolve(self.store, ref)
-            return View().replay(chain_events(self.store.conn, r.chain))
+            return chain_view(self.store.conn, r.chain)
 
     def closure_events(self, r: refs.Resolved, path: bytes) -> list[Event]:
         """The events that decide `path` at r: on it, its ancestors and its hard-link partners."""

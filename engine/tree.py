@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 from .kinds import PUT
 from .paths import parent
-from .replay import TREE_KEY_SQL, Event, Node, View, chain_events, closure_events, event_count, tree_key, undecided
+from .replay import TREE_KEY_SQL, Event, Node, View, chain_view, closure_events, event_count, tree_key, undecided
 
 # An entry of the tar: path, node, and for a later name of a file the tar
 # already holds, that first name (it becomes a tar hard link).
@@ -108,7 +108,7 @@ class TreeEntries:
             self.total = store.scalar(f"SELECT count(*) FROM {self._temp}") - 1  # the root is no entry
         else:
             with paused_gc():
-                self.view = View().replay(chain_events(store.conn, chain))
+                self.view = chain_view(store.conn, chain)
             self.total = len(self.view.nodes) - 1
 
     def __enter__(self) -> "TreeEntries":

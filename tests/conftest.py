@@ -105,6 +105,15 @@ def count_replays(m: pytest.MonkeyPatch, module) -> list[int]:
             return self
 
     m.setattr(module, "View", Counted)
+    if hasattr(module, "chain_view"):  # a whole chain's replay
+        from layerdb.engine import replay
+
+        def counted_chain_view(conn, chain):
+            view = replay.chain_view(conn, chain)
+            sizes.append(len(view.nodes))
+            return view
+
+        m.setattr(module, "chain_view", counted_chain_view)
     return sizes
 
 

@@ -93,3 +93,29 @@ def test_export_rereads_packs_it_had_to_drop(db, tmp_path, monkeypatch):
     db.import_archive(str(archive), tag="s:1")
     top = max(oracle_positions(oracle))
     assert manifest_of_tar_bytes(export_bytes(db, "s:1"), tmp_path) == oracle_lines(oracle, top)
+
+
+@pytest.mark.parametrize("root", [REPO_FIXTURES, SHARED_FIXTURES], ids=["repo", "shared"])
+def test_chain_view_is_the_event_replay(db, root):
+    """chain_view builds most nodes straight from the rows: every image at every
+    position gives the nodes, children and metadata the Event-by-Event replay gives."""
+    from conftest import fixture_archives
+    from layerdb.engine import refs
+    from layerdb.engine.replay import Node, View, chain_events, chain_view
+
+    archives = fixture_archives(root)
+    if not archives:
+        pytest.skip(f"{root} is absent")
+    for a in archives:
+        db.import_archive(str(a))
+    state = lambda v: ({p: tuple(getattr(n, s) for s in Node.__slots__) for p, n in v.nodes.items()},  # noqa: E731
+                       v.children)
+    checked = 0
+    with db.store.read():
+        for img in db.images():
+            for k in range(img["layers"]):
+                chain = refs.resolve(db.store, f"{img['id']}~{k}").chain
+                assert state(chain_view(db.store.conn, chain)) == state(View().replay(chain_events(db.store.conn,
+                                                                                                   chain)))
+                checked += 1
+    assert checked > len(archives)

@@ -43,7 +43,7 @@ from ..containers.container import plan_layer
 from ..content import ContentStore
 from ..output.export import write_dir
 from ..paths import parent
-from ..replay import Node, View, chain_events
+from ..replay import Node, View, chain_view
 from ..store import Store
 from .layers import OPQ, TYPE_OF, WH, LayerEntry, host_xattrs, order_links
 
@@ -57,7 +57,7 @@ def export_view(store: Store, content: ContentStore, chain: list[tuple[int, int]
     """The chain's view written into root (a new directory); returns the view, the
     snapshot of what was written, and whether directories carry the mark."""
     with store.read():
-        view = View().replay(chain_events(store.conn, chain))
+        view = chain_view(store.conn, chain)
         write_dir(view, content, root, allow_devices=True)
     os.chmod(root, 0o755)
     marked = True

@@ -44,7 +44,7 @@ from ..content import ContentStore
 from ..errors import NoSuchPath, NotFound, PathError, UsageError
 from ..ingest.importer import PUT, WHITEOUT, DiffResult, Importer, chain_ids, now
 from ..paths import ancestors, join, parent, show_path as show
-from ..replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_events, decided_events, event_count
+from ..replay import EVENT_COLUMNS, EVENT_JOINS, Event, Node, View, below, chain_view, decided_events, event_count
 from ..store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -255,7 +255,7 @@ class Container:
             return
         with self.store.read():
             if self._view is None:
-                self._view = View().replay(chain_events(self.store.conn, self.base_chain))
+                self._view = chain_view(self.store.conn, self.base_chain)
             new = self.store.execute(
                 f"SELECT {EVENT_COLUMNS} FROM event e {EVENT_JOINS}"
                 f" WHERE e.diff_id = ? AND e.kind IN {ALL_KINDS} AND e.seq > ? ORDER BY e.seq",

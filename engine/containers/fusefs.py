@@ -35,7 +35,7 @@ from typing import Callable
 from .container import TYPE_BITS, TYPE_OF_BITS, Container, join, names_by_node, parent
 from ..errors import LayerdbError, NotFound, UsageError
 from ..log import get_logger
-from ..replay import Node, View, below, chain_events, decided_events, tree_key
+from ..replay import Node, View, below, chain_view, decided_events, tree_key
 from ..tree import large
 
 try:
@@ -159,7 +159,7 @@ class ImageTree:
         if self.whole:
             if self._whole is None:
                 with self.store.read():
-                    self._whole = View().replay(chain_events(self.store.conn, self.chain))
+                    self._whole = chain_view(self.store.conn, self.chain)
             view = self._whole
         else:
             with self.store.read():
