@@ -73,6 +73,24 @@ def test_headers_agree_with_tarfile():
             assert m.pax_headers["SCHILY.xattr." + k].encode("utf-8", "surrogateescape") == v
 
 
+def test_header_parts_give_the_whole_block():
+    """header() builds most blocks from parts kept per owner and per type: the
+    very block _ustar formats whole, for any name, owner, size, time and type,
+    and after its part caches have been cleared."""
+    from layerdb.engine.output import tarwriter as tw
+
+    rng = random.Random(17)
+    for i in range(20000):
+        name = bytes(rng.randrange(1, 256) for _ in range(rng.choice([1, 40, 100])))
+        typeflag = rng.choice([tw.REGTYPE, tw.DIRTYPE, tw.FIFOTYPE, tw.SYMTYPE])
+        mode = rng.choice([0o644, 0o7777, 0o100755, rng.randrange(1 << 16)])
+        uid, gid = rng.randrange(tw.MAX7 + 1), rng.choice([0, rng.randrange(tw.MAX7 + 1)])
+        size, mtime = rng.choice([0, rng.randrange(tw.MAX11 + 1)]), rng.randrange(tw.MAX11 + 1)
+        assert tw.header(name, typeflag, mode, uid, gid, size, mtime) == tw._ustar(
+            name, mode & 0o7777, uid, gid, size, mtime, typeflag, b"", 0, 0), i
+    assert 0 < len(tw._IDS) <= 4096
+
+
 def test_checksum_bound_holds_for_the_largest_block():
     """adler32's low half is the byte sum only below 65521: the block with every
     field at its largest still is."""
