@@ -456,14 +456,29 @@ class View:
         # IGNORED: not a filesystem change
 
     def replay(self, events: Iterable[Event]) -> "View":
+        """apply() each event; a new path below a directory that exists, most
+        events, is put here (a fifth of a partition's replay was apply's calls)."""
+        nodes, children, apply = self.nodes, self.children, self.apply
         for ev in events:
-            self.apply(ev)
+            path = ev.path
+            if ev.kind == PUT and path not in nodes and ev.type != "h":
+                i = path.rfind(b"/")
+                up = path[:i] if i >= 0 else b""
+                n = nodes.get(up)
+                if n is not None and n.type == "d":
+                    type_ = ev.type
+                    nodes[path] = Node(type_, ev.mode, ev.uid, ev.gid, ev.mtime, ev.size, ev.blob_id, ev.sha256,
+                                       ev.link, ev.devmajor, ev.devminor, ev.xattrs, ev.position)
+                    if type_ == "d" and path not in children:
+                        children[path] = set()
+                    children[up].add(path)
+                    continue
+            apply(ev)
         return self
 
     def replay_rows(self, rows: Iterable[tuple], position: int) -> None:
-        """apply() of the events these EVENT_COLUMNS rows hold, at this position.
-        Most rows put a new path below a directory that exists: that case is
-        done here without an Event (a fifth of a whole replay's time)."""
+        """replay() of the events these EVENT_COLUMNS rows hold, at this position,
+        its common case without making an Event (a fifth of a whole replay's time)."""
         nodes, children, apply = self.nodes, self.children, self.apply
         for r in rows:
             path = r[2]
