@@ -33,10 +33,10 @@ class Node:
     """A file object in a view.  Hard-linked names share one Node."""
 
     __slots__ = ("type", "mode", "uid", "gid", "mtime", "size", "blob_id", "sha256", "link", "devmajor",
-                 "devminor", "xattrs", "position", "implied")
+                 "devminor", "xattrs", "position", "implied", "pack", "offset")
 
     def __init__(self, type, mode, uid, gid, mtime, size, blob_id, sha256, link, devmajor, devminor, xattrs,
-                 position, implied=False):
+                 position, implied=False, pack=None, offset=None):
         self.type = type
         self.mode = mode
         self.uid = uid
@@ -51,6 +51,10 @@ class Node:
         self.xattrs = xattrs
         self.position = position
         self.implied = implied
+        # Where a packed content lies (blob.chunk, blob.offset), when the replay's rows
+        # said: export then asks the store only for the others (content.locate).
+        self.pack = pack
+        self.offset = offset
 
     def xattr_dict(self) -> dict[str, bytes]:
         if not self.xattrs:
@@ -80,6 +84,8 @@ class Event:
     devminor: int | None
     xattrs: str | None
     time: float | None = None  # set on container events only
+    pack: bytes | None = None  # the content's pack and offset in it, when packed and read from the store
+    offset: int | None = None
 
 
 def replay_key(ev: Event) -> tuple[int, int, int]:
@@ -89,7 +95,7 @@ def replay_key(ev: Event) -> tuple[int, int, int]:
 
 EVENT_COLUMNS = (
     "e.kind, e.seq, p.path, e.type, e.mode, e.uid, e.gid, e.mtime, e.size, e.blob_id, b.sha256, e.link, t.path,"
-    " e.devmajor, e.devminor, e.xattrs, e.time"
+    " e.devmajor, e.devminor, e.xattrs, e.time, b.chunk, b.offset"
 )
 EVENT_JOINS = (
     "JOIN path p ON p.id = e.path_id LEFT JOIN path t ON t.id = e.target_id LEFT JOIN blob b ON b.id = e.blob_id"
@@ -449,7 +455,7 @@ class View:
                     return
                 self._remove(path)
             nodes[path] = Node(type_, ev.mode, ev.uid, ev.gid, ev.mtime, ev.size, ev.blob_id, ev.sha256, ev.link,
-                               ev.devmajor, ev.devminor, ev.xattrs, ev.position)
+                               ev.devmajor, ev.devminor, ev.xattrs, ev.position, False, ev.pack, ev.offset)
             if type_ == "d" and path not in self.children:
                 self.children[path] = set()
             self.children[up].add(path)
@@ -468,7 +474,8 @@ class View:
                 if n is not None and n.type == "d":
                     type_ = ev.type
                     nodes[path] = Node(type_, ev.mode, ev.uid, ev.gid, ev.mtime, ev.size, ev.blob_id, ev.sha256,
-                                       ev.link, ev.devmajor, ev.devminor, ev.xattrs, ev.position)
+                                       ev.link, ev.devmajor, ev.devminor, ev.xattrs, ev.position, False, ev.pack,
+                                       ev.offset)
                     if type_ == "d" and path not in children:
                         children[path] = set()
                     children[up].add(path)
@@ -489,7 +496,7 @@ class View:
                 if n is not None and n.type == "d":
                     type_ = r[3]
                     nodes[path] = Node(type_, r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[13], r[14], r[15],
-                                       position)
+                                       position, False, r[17], r[18])
                     if type_ == "d" and path not in children:
                         children[path] = set()
                     children[up].add(path)

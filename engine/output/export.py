@@ -110,14 +110,17 @@ def _plan(entries: list[Entry], content: ContentStore, kept: _Kept | None = None
     `kept` is given; not at all when `kept` holds it); and every large
     content's chunks.  Returns (work, {blob id: pack}, {pack: [(offset, size)
     of its files]}, {large blob id: its number of chunks})."""
-    files = [(node.blob_id, node.size) for _, node, first in entries if first is None and node.type == "f" and node.size]
-    located = content.locate(bid for bid, _ in files)
+    files = [node for _, node, first in entries if first is None and node.type == "f" and node.size]
+    # A replay from the store knows where most packed contents lie; the store is
+    # asked for the rest (a container's new files, and the large contents).
+    located = content.locate(node.blob_id for node in files if node.pack is None)
     work: list = []  # chunk ids, and (pack, spans) items
     packed: dict[int, bytes] = {}
     spans: dict[bytes, list[tuple[int, int]]] = {}
     chunk_count: dict[int, int] = {}
-    for bid, size in files:
-        where = located.get(bid)
+    for node in files:
+        bid, size, pack = node.blob_id, node.size, node.pack
+        where = (pack, node.offset) if pack is not None else located.get(bid)
         if where is None:
             shas = content.chunk_list(bid)
             chunk_count[bid] = len(shas)
