@@ -28,6 +28,12 @@ SCHEMA_VERSION = 4
 #   the 100 MiB peak-RSS budget (the file is in the OS page cache anyway).
 # - trusted_schema=OFF: a store file from elsewhere cannot run functions from
 #   views or triggers it carries.
+# - page_size 8 KiB (new stores only; a store keeps the page size it was made
+#   with): an import writes every page twice, as a WAL frame and again when
+#   the commit checkpoints it, one syscall or two per page, so half as many
+#   pages took an import of py-app:1 from 2.33 to 2.24 s (8 alternating
+#   rounds).  The store grows by the half-filled last page of each chunk:
+#   +0.6% on py-app:1; 16 KiB pages bought no more time for +2%.
 BUSY_TIMEOUT_MS = 10_000
 PRAGMAS = (
     "PRAGMA foreign_keys = ON",
@@ -35,6 +41,7 @@ PRAGMAS = (
     "PRAGMA cache_size = -8192",
     "PRAGMA trusted_schema = OFF",
     "PRAGMA temp_store = FILE",
+    "PRAGMA page_size = 8192",
 )
 
 

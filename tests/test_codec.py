@@ -126,6 +126,8 @@ SETTINGS = {
     # Nothing in flight but the newest: every submit waits for the one before.
     "no-overlap": {"MAX_IN_FLIGHT_BYTES": 1},
     "small-packs-by-count": {"PACK_MEMBERS": 7},
+    # Stores made before 2026-12-03 have 4 KiB pages, and keep them.
+    "4k-pages": {"PAGE_SIZE": 4096},
 }
 
 
@@ -133,6 +135,11 @@ def apply(m: pytest.MonkeyPatch, setting: dict) -> None:
     for k, v in setting.items():
         if k == "WINDOW_LOG":
             m.setattr(chunks, "WINDOW_LOG", v)
+        elif k == "PAGE_SIZE":
+            from layerdb.engine import store
+
+            m.setattr(store, "PRAGMAS", tuple(p for p in store.PRAGMAS if "page_size" not in p)
+                      + (f"PRAGMA page_size = {v}",))
         else:
             m.setattr(content, k, v)
     # Compressors are made once per thread with the settings of that moment.
@@ -170,6 +177,11 @@ def test_every_setting_reads_back_and_passes_fsck_deep(name, image, tmp_path, mo
     # Read with the code's own settings: a store's format does not depend on
     # the settings that wrote it.
     _check_reads(db_path, image)
+    import apsw
+
+    c = apsw.Connection(str(db_path))
+    assert c.execute("PRAGMA page_size").fetchone()[0] == SETTINGS[name].get("PAGE_SIZE", 8192)
+    c.close()
     r = run_cli("fsck", "--deep", db_path=db_path)
     assert r.exit_code == 0, r.output
 

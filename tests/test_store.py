@@ -15,6 +15,7 @@ def test_new_store_has_schema_and_pragmas(tmp_path):
         assert s.scalar("PRAGMA user_version") == SCHEMA_VERSION
         assert s.scalar("PRAGMA journal_mode") == "wal"
         assert s.scalar("PRAGMA foreign_keys") == 1
+        assert s.scalar("PRAGMA page_size") == 8192
         tables = {r[0] for r in s.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
         assert {"chunk", "blob", "blob_chunk", "path", "diff", "event", "layer", "image", "tag", "history"} <= tables
 
@@ -122,3 +123,20 @@ def test_second_writer_waits_for_the_first(tmp_path):
     assert r.returncode == 0, r.stderr
     with Store(p) as s:
         assert s.scalar("SELECT count(*) FROM image") == 1
+
+
+def test_a_store_keeps_the_page_size_it_was_made_with(tmp_path):
+    """Stores made before 8 KiB pages have 4 KiB ones: they open, take writes
+    and read back as before."""
+    path = tmp_path / "s.sqlite"
+    c = apsw.Connection(str(path))
+    c.execute("PRAGMA page_size = 4096")
+    c.execute("PRAGMA journal_mode = WAL")
+    c.close()
+    with Store(path) as s:
+        assert s.scalar("PRAGMA page_size") == 4096
+        with s.write():
+            s.execute("INSERT INTO chunk(sha256, size, codec, data) VALUES (?, ?, 0, ?)", (b"x" * 32, 9000, b"y" * 9000))
+    with Store(path) as s:
+        assert s.scalar("PRAGMA page_size") == 4096
+        assert s.scalar("SELECT data FROM chunk") == b"y" * 9000
