@@ -22,13 +22,13 @@ SCHEMA_VERSION = 4
 #   instead of failing with "database is locked".  Imports of big images hold
 #   the write lock for seconds, so milliseconds would not do.
 # - foreign_keys: the schema's references are checked, not just documented.
-# - cache 4 MiB: an import of 200k files (bench manyfiles:1) ran no slower
-#   than with 16 MiB, nor an export.  The cache is thousands of page-sized
-#   allocations made as it fills, among an import's large transient buffers,
-#   so it costs the heap about twice its size: at 4 MiB instead of 8 (12-04,
-#   medians of 6 alternating rounds), the family imported in 3.53 s against
-#   3.59 and peaked at 87-95 MiB instead of 94-101, a pull of py-app:1 at
-#   90-91 instead of 103, an export of manyfiles:1 at 71 instead of 75.
+# - cache 4 MiB: the cache is thousands of page-sized allocations made as it
+#   fills, among an import's large transient buffers, so it costs the heap
+#   about twice its size.  At 4 MiB instead of 8 (12-04, alternated, medians):
+#   the family imported in 3.53 s against 3.59 and peaked at 87-95 MiB instead
+#   of 94-101, a pull of py-app:1 at 86 (at most 92) instead of 96 (at most
+#   101), an export of manyfiles:1 at 71 instead of 75; the 200k-file import
+#   and export ran no slower (bench/README.md, "Pages, the page cache").
 # - trusted_schema=OFF: a store file from elsewhere cannot run functions from
 #   views or triggers it carries.
 # - page_size 8 KiB (new stores only; a store keeps the page size it was made
