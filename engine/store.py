@@ -223,5 +223,8 @@ class Store:
         pid = self.scalar("SELECT id FROM path WHERE path = ?", (path,))
         if pid is None:
             name = path.rsplit(b"/", 1)[-1]
-            pid = self.scalar("INSERT INTO path(path, name) VALUES (?, ?) RETURNING id", (path, name))
+            # last_insert_rowid, not RETURNING: SQLite gives a RETURNING
+            # statement a statement journal (see chunks.put_encoded).
+            self.conn.execute("INSERT INTO path(path, name) VALUES (?, ?)", (path, name))
+            pid = self.conn.last_insert_rowid()
         return pid

@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import tempfile
 
 from ..errors import RegistryAuthError, UsageError
 from ..log import get_logger
@@ -153,6 +151,8 @@ def helper_server(host: str) -> str:
 
 
 def run_helper(name: str, action: str, payload: str) -> str:
+    import subprocess  # only where a docker config names a credential helper: ~3 ms of a pull's start
+
     prog = f"docker-credential-{name}"
     try:
         p = subprocess.run([prog, action], input=payload.encode(), capture_output=True, timeout=HELPER_TIMEOUT)
@@ -224,6 +224,8 @@ def find(host: str, repository: str | None = None, creds: Credentials | None = N
 
 def _write(path: str, data: dict) -> None:
     """Atomically, mode 0600 from the first byte (a rename of a private temp file)."""
+    import tempfile  # login and logout only
+
     d = os.path.dirname(path) or "."
     os.makedirs(d, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=d)
